@@ -1,0 +1,338 @@
+"""
+MoNE (Mixture of Novices and Experts) expert pruning for MoE models.
+
+See: https://arxiv.org/abs/2507.00390
+"""
+
+import difflib
+from functools import partial
+from typing import Any, Literal, Optional
+
+import torch
+from compressed_tensors.distributed import is_distributed, is_source_process
+from compressed_tensors.offload import get_execution_device
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+from torch import distributed as dist
+
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.pruning.reap.utils import (
+    prune_moe_layer,
+    update_model_config,
+)
+
+from mone_modifier import sequential_masks
+from mone_modifier.calibration import ExpertRouting, routed_rows, split_routing
+from mone_modifier.metadata import record_novices
+from mone_modifier.moe_layers import MoELayer, MoEModel, find_moe_layers
+from mone_modifier.novice import (
+    NoviceKind,
+    novice_values,
+    replace_with_novices,
+)
+from mone_modifier.report import LayerDecision, write_report
+from mone_modifier.scoring import (
+    PruningBudget,
+    Scoring,
+    expert_scores,
+    plan_budget,
+    select_novices,
+)
+from mone_modifier.statistics import LayerStatistics, reduce_across_ranks
+
+__all__ = ["MoNEPruningModifier"]
+
+
+class MoNEPruningModifier(Modifier):
+    """
+    Replaces the most redundant routed experts of every MoE layer with
+    *novices*: constant vectors equal to the expert's mean output, reached
+    through the unchanged router. An expert's redundancy is
+
+        ``score_i = freq_i * ||sqrt(var_i)||_2``
+
+    with ``freq_i`` its mean routing weight over all calibration tokens and
+    ``var_i`` the per-dimension variance of its output over the tokens routed
+    to it. Statistics are exact float64 streaming statistics. With
+    ``scope: layer`` each layer is decided at its sequential epoch end, so
+    later layers calibrate on the pruned model and later modifiers see it.
+
+    :param sparsity: fraction of routed experts per MoE layer to replace,
+        ``round(sparsity * E)``, in (0, 1); at least top_k experts (and for
+        group-limited routers enough per group) must remain
+    :param scoring: ``mone`` (frequency x output std), or for ablations
+        ``frequency``, ``variance``, ``reap`` (REAP saliency), ``random``
+    :param scope: ``layer`` (each layer keeps ``E - P``) or ``model`` (one
+        ranking over all layers, decided after calibration; each layer keeps
+        at least top_k)
+    :param novice: ``mean`` (the paper's), ``weighted_mean`` (``sum g^2 f /
+        sum g^2``), ``zero`` (router kept, no output), or ``drop`` (remove the
+        experts and shrink the router, as REAP does)
+    :param ignore: regular expressions of MoE block names to leave alone
+    :param report_path: optional ``.json`` path for the per-layer report; a
+        heatmap ``.png`` is written next to it
+    :param seed: seed of ``scoring: random``
+
+    Example recipe::
+
+        mone_stage:
+          pruning_modifiers:
+            MoNEPruningModifier:
+              sparsity: 0.25
+    """
+
+    requires_calibration_data: bool = True
+
+    sparsity: float
+    scoring: Scoring = "mone"
+    scope: Literal["layer", "model"] = "layer"
+    novice: NoviceKind = "mean"
+    ignore: list[str] = Field(default_factory=list)
+    report_path: Optional[str] = None
+    seed: int = 0
+
+    _moe: MoEModel | None = PrivateAttr(default=None)
+    _budget: PruningBudget | None = PrivateAttr(default=None)
+    _stats: dict[str, LayerStatistics] = PrivateAttr(default_factory=dict)
+    _routing: dict[str, ExpertRouting] = PrivateAttr(default_factory=dict)
+    _layer_hooks: dict[str, set] = PrivateAttr(default_factory=dict)
+    _decisions: list[LayerDecision] = PrivateAttr(default_factory=list)
+    _cpu_pg: Any = PrivateAttr(default=None)
+
+    # -- validation ----------------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields)
+            for key in data:
+                if key not in known:
+                    close = difflib.get_close_matches(key, sorted(known), n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(
+                        f"MoNEPruningModifier has no parameter {key!r}.{hint} "
+                        f"Its parameters: sparsity, scoring, scope, novice, "
+                        f"ignore, report_path, seed."
+                    )
+        return data
+
+    @field_validator("sparsity")
+    @classmethod
+    def _check_sparsity(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError(
+                f"sparsity must be a fraction of the routed experts in (0, 1), "
+                f"e.g. 0.25; got {value}"
+            )
+        return value
+
+    @field_validator("report_path")
+    @classmethod
+    def _check_report_path(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.endswith(".json"):
+            raise ValueError(
+                f"report_path must name a .json file (a .png heatmap is written "
+                f"next to it); got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_drop_scope(self) -> "MoNEPruningModifier":
+        if self.novice == "drop" and self.scope == "model":
+            raise ValueError(
+                "novice: drop shrinks every layer's router to the same width, so "
+                "it needs scope: layer; use scope: layer, or a novice mode that "
+                "keeps the router (mean, weighted_mean, zero) with scope: model"
+            )
+        return self
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        if state.data.calib is None:
+            raise ValueError(
+                "MoNEPruningModifier needs calibration data to measure its "
+                "experts: pass a dataset to oneshot, e.g. "
+                "oneshot(model=..., dataset=..., recipe=...)"
+            )
+        self._moe = find_moe_layers(state.model, self.ignore)
+        attrs = self._moe.attrs
+        self._budget = plan_budget(
+            self.sparsity,
+            attrs.num_experts,
+            attrs.top_k,
+            attrs.n_group,
+            attrs.top_k_group,
+            drop=self.novice == "drop",
+        )
+        self._cpu_pg = dist.new_group(backend="gloo") if is_distributed() else None
+        sequential_masks.install()
+        logger.info(
+            f"MoNE: {len(self._moe.layers)} MoE layers, {attrs.num_experts} experts "
+            f"(top-{attrs.top_k}) each; replacing {self._budget.per_layer} per layer "
+            f"({self.scoring} scoring, {self.novice} novices, {self.scope} scope)"
+        )
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        for layer in self._moe.layers:
+            experts = self._moe.experts(state.model, layer)
+            self._stats[layer.name] = LayerStatistics.empty(
+                self._moe.attrs.num_experts,
+                experts[0].down_proj.out_features,
+                device=get_execution_device(experts),
+            )
+            handles = {
+                self.register_hook(
+                    experts,
+                    partial(self._routing_hook, layer.name),
+                    "forward_pre",
+                )
+            }
+            for expert_id in range(self._moe.attrs.num_experts):
+                handles.add(
+                    self.register_hook(
+                        experts[expert_id],
+                        partial(self._expert_hook, layer.name, expert_id),
+                        "forward",
+                    )
+                )
+            self._layer_hooks[layer.name] = handles
+
+    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
+        if self.scope == "layer":
+            self._decide(
+                state.model,
+                [
+                    layer
+                    for layer in self._moe.layers
+                    if layer.name in self._stats and self._stats[layer.name].tokens > 0
+                ],
+            )
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self._decide(
+            state.model, [layer for layer in self._moe.layers if layer.name in self._stats]
+        )
+        self.remove_hooks()
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        sequential_masks.uninstall()
+        if self.novice == "drop":
+            update_model_config(
+                state.model,
+                self._moe.attrs,
+                self._moe.attrs.num_experts - self._budget.per_layer,
+            )
+        if self.report_path is not None and is_source_process():
+            write_report(self.report_path, self._report_settings(), self._decisions)
+            logger.info(f"MoNE report written to {self.report_path}")
+        if self._cpu_pg is not None:
+            dist.destroy_process_group(group=self._cpu_pg)
+            self._cpu_pg = None
+        return True
+
+    # -- calibration hooks -----------------------------------------------------
+
+    def _routing_hook(self, layer_name: str, module: torch.nn.Module, args: tuple):
+        _, top_k_index, top_k_weights = args[:3]
+        self._stats[layer_name].add_routing(top_k_index, top_k_weights)
+        self._routing[layer_name] = split_routing(
+            top_k_index, top_k_weights, self._moe.attrs.num_experts
+        )
+
+    def _expert_hook(
+        self,
+        layer_name: str,
+        expert_id: int,
+        module: torch.nn.Module,
+        args: tuple,
+        output: torch.Tensor,
+    ):
+        routing = self._routing[layer_name]
+        self._stats[layer_name].add_expert_outputs(
+            expert_id,
+            routed_rows(output, routing, expert_id),
+            routing.weights[expert_id],
+        )
+
+    # -- decisions -------------------------------------------------------------
+
+    def _decide(self, model: torch.nn.Module, layers: list[MoELayer]):
+        if not layers:
+            return
+        stats = {
+            layer.index: reduce_across_ranks(self._stats.pop(layer.name), self._cpu_pg)
+            for layer in layers
+        }
+        for layer in layers:
+            self.remove_hooks(self._layer_hooks.pop(layer.name))
+            self._routing.pop(layer.name, None)
+        scores = {
+            index: expert_scores(s, self.scoring, self.seed, index)
+            for index, s in stats.items()
+        }
+        novices = select_novices(
+            scores,
+            {index: s.is_routed.cpu() for index, s in stats.items()},
+            self._budget,
+            model_wide=self.scope == "model",
+        )
+        for layer in layers:
+            decision = self._apply(model, layer, stats[layer.index], scores[layer.index], novices[layer.index])
+            self._decisions.append(decision)
+
+    def _apply(
+        self,
+        model: torch.nn.Module,
+        layer: MoELayer,
+        stats: LayerStatistics,
+        scores: torch.Tensor,
+        novices: list[int],
+    ) -> LayerDecision:
+        num_experts = self._moe.attrs.num_experts
+        retained = [i for i in range(num_experts) if i not in set(novices)]
+        never_routed = [i for i in range(num_experts) if not stats.is_routed[i]]
+        if self.novice == "drop":
+            prune_moe_layer(model, layer.name, retained, self._moe.attrs)
+        else:
+            replace_with_novices(
+                self._moe.experts(model, layer),
+                novice_values(stats, novices, self.novice),
+            )
+            record_novices(model.config, layer.index, novices)
+        logger.info(
+            f"MoNE layer {layer.index}: experts {novices} -> "
+            f"{'dropped' if self.novice == 'drop' else self.novice + ' novices'}"
+        )
+        if never_routed:
+            logger.warning(
+                f"MoNE layer {layer.index}: experts {never_routed} received no "
+                f"calibration token; they are pruned first with zero novices. "
+                f"More or more varied calibration data would measure them."
+            )
+        return LayerDecision(
+            name=layer.name,
+            index=layer.index,
+            novices=novices,
+            retained=retained,
+            never_routed=never_routed,
+            tokens=int(stats.tokens),
+            score=scores.tolist(),
+            frequency=stats.frequency.tolist(),
+            output_std=stats.output_std.tolist(),
+            routed_tokens=[int(n) for n in stats.routed.tolist()],
+        )
+
+    def _report_settings(self) -> dict[str, Any]:
+        attrs = self._moe.attrs
+        return {
+            **self.model_dump(
+                include={"sparsity", "scoring", "scope", "novice", "ignore", "seed"}
+            ),
+            "num_experts": attrs.num_experts,
+            "top_k": attrs.top_k,
+            "replaced_per_layer": self._budget.per_layer,
+        }

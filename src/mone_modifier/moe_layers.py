@@ -1,0 +1,84 @@
+"""
+Where the MoE layers of a linearised model are, and their routing shape.
+
+Detection and config reading are llm-compressor's own (REAP's
+``get_moe_attrs``); this module adds the decoder-layer index of each block
+and a clear error for models without MoE layers.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+from llmcompressor.modifiers.pruning.reap.utils import (
+    EXPERTS_ATTRS,
+    ROUTER_ATTRS,
+    MoeModelAttrs,
+    get_moe_attrs,
+)
+
+__all__ = ["MoELayer", "MoEModel", "find_moe_layers"]
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """
+    One MoE block.
+
+    :param name: module path of the block, e.g. ``model.layers.3.mlp``
+    :param index: its decoder layer index, the key of ``approximate_experts``
+    """
+
+    name: str
+    index: int
+
+
+@dataclass(frozen=True)
+class MoEModel:
+    """
+    The MoE layers of a model and their shared routing shape.
+
+    :param attrs: llm-compressor's description (attribute names, E, top_k,
+        routing groups)
+    :param layers: the blocks to prune, in model order
+    """
+
+    attrs: MoeModelAttrs
+    layers: list[MoELayer]
+
+    def experts(self, model: torch.nn.Module, layer: MoELayer) -> LinearExperts2D:
+        return getattr(model.get_submodule(layer.name), self.attrs.experts_attr)
+
+
+def find_moe_layers(model: torch.nn.Module, ignore: list[str]) -> MoEModel:
+    """
+    :param model: model whose fused experts oneshot has linearised
+    :param ignore: regular expressions of block names to leave alone
+    :raises ValueError: when the model has no MoE block, or ``ignore``
+        excludes them all
+    """
+    if not any(
+        isinstance(getattr(module, e_attr, None), LinearExperts2D)
+        and any(hasattr(module, r_attr) for r_attr in ROUTER_ATTRS)
+        for module in model.modules()
+        for e_attr in EXPERTS_ATTRS
+    ):
+        raise ValueError(
+            f"MoNEPruningModifier found no MoE layer in this "
+            f"{type(model).__name__}: it looks for a block with an "
+            f"{' or '.join(EXPERTS_ATTRS)!r} module of routed experts (fused "
+            f"experts are linearised by oneshot) next to a "
+            f"{' or '.join(map(repr, ROUTER_ATTRS))} router. Expert pruning "
+            f"needs a Mixture-of-Experts model; remove MoNEPruningModifier from "
+            f"the recipe for a dense model."
+        )
+    attrs = get_moe_attrs(model, ignore)
+    return MoEModel(attrs, [MoELayer(name, _layer_index(name)) for name in attrs.moe_layer_names])
+
+
+def _layer_index(name: str) -> int:
+    indices = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", name)
+    if not indices:
+        raise ValueError(f"cannot tell the decoder layer index of MoE block {name!r}")
+    return int(indices[-1])
