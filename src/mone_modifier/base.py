@@ -22,7 +22,7 @@ from llmcompressor.modifiers.pruning.reap.utils import (
     update_model_config,
 )
 
-from mone_modifier import sequential_masks
+from mone_modifier import sequential_tracing
 from mone_modifier.calibration import ExpertRouting, routed_rows, split_routing
 from mone_modifier.metadata import record_novices
 from mone_modifier.moe_layers import MoELayer, MoEModel, find_moe_layers
@@ -168,7 +168,7 @@ class MoNEPruningModifier(Modifier):
             drop=self.novice == "drop",
         )
         self._cpu_pg = dist.new_group(backend="gloo") if is_distributed() else None
-        sequential_masks.install()
+        sequential_tracing.install()
         logger.info(
             f"MoNE: {len(self._moe.layers)} MoE layers, {attrs.num_experts} experts "
             f"(top-{attrs.top_k}) each; replacing {self._budget.per_layer} per layer "
@@ -219,7 +219,7 @@ class MoNEPruningModifier(Modifier):
         self.remove_hooks()
 
     def on_finalize(self, state: State, **kwargs) -> bool:
-        sequential_masks.uninstall()
+        sequential_tracing.uninstall()
         if self.novice == "drop":
             update_model_config(
                 state.model,

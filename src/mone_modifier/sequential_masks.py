@@ -1,9 +1,0 @@
-"""Placeholder; replaced once the root cause is confirmed."""
-
-
-def install():
-    pass
-
-
-def uninstall():
-    pass

@@ -1,0 +1,51 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from loguru import logger
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import FAMILIES, build_tiny_moe, calibration_ids  # noqa: E402
+
+NUM_SAMPLES = 8
+SEQ_LEN = 24
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory):
+    """family -> path of a saved tiny model (built once per session)."""
+    root = tmp_path_factory.mktemp("models")
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = build_tiny_moe(family, root / family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def samples() -> torch.Tensor:
+    return calibration_ids(NUM_SAMPLES, SEQ_LEN)
+
+
+def as_dataset(samples: torch.Tensor) -> Dataset:
+    return Dataset.from_dict(
+        {
+            "input_ids": samples.tolist(),
+            "attention_mask": torch.ones_like(samples).tolist(),
+        }
+    )
+
+
+@pytest.fixture
+def log_lines():
+    """Messages logged through loguru while the test runs."""
+    lines: list[str] = []
+    handle = logger.add(lambda message: lines.append(str(message)), level="INFO")
+    yield lines
+    logger.remove(handle)

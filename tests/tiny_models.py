@@ -1,0 +1,123 @@
+"""
+Tiny MoE models of every supported family, built from transformers configs
+with random weights and saved to disk (oneshot loads from a path).
+
+Random experts have near-zero mean outputs and near-tied scores, which would
+let a wrong novice or a wrong choice hide inside the tolerance. So each
+expert's up projection is made to follow its gate projection (SwiGLU of
+correlated inputs is mostly positive, hence a clearly non-zero mean output)
+and its down projection gets its own scale (well separated output stds).
+"""
+
+from pathlib import Path
+
+import torch
+from llmcompressor.modeling.moe.linearize import get_linearized_moes, linearize_moe, repack_moe
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+FAMILIES = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss"]
+VOCAB = 96
+NUM_EXPERTS = 8
+TOP_K = 2
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    num_experts_per_tok=TOP_K,
+)
+
+_FAMILY = {
+    "olmoe": dict(num_experts=NUM_EXPERTS),
+    "qwen3_moe": dict(
+        num_experts=NUM_EXPERTS, moe_intermediate_size=32, head_dim=16, norm_topk_prob=True
+    ),
+    "qwen2_moe": dict(
+        num_experts=NUM_EXPERTS,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        layer_types=["full_attention"] * 2,
+    ),
+    "mixtral": dict(num_local_experts=NUM_EXPERTS),
+    # sigmoid routing with correction bias, two routing groups of which one is
+    # chosen per token, one dense first layer, a shared expert
+    "deepseek_v3": dict(
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        n_routed_experts=NUM_EXPERTS,
+        n_group=2,
+        topk_group=1,
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+        routed_scaling_factor=2.5,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        head_dim=8,
+        num_key_value_heads=4,
+    ),
+    "gpt_oss": dict(
+        num_local_experts=NUM_EXPERTS,
+        head_dim=16,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+}
+
+
+def tiny_config(family: str):
+    return AutoConfig.for_model(family, **{**_COMMON, **_FAMILY[family]})
+
+
+@torch.no_grad()
+def build_tiny_moe(family: str, path: Path, seed: int = 0) -> Path:
+    """Save a tiny ``family`` model with distinguishable experts to ``path``."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            param.normal_(0.0, 0.15)
+        elif "bias" in name:
+            param.normal_(0.0, 0.1)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.normal_(0.0, 0.05)
+    for _, module in model.named_modules():
+        router = getattr(module, "gate", None) or getattr(module, "router", None)
+        if getattr(module, "experts", None) is not None and router is not None:
+            router.weight.mul_(3.0)  # decisive, uneven routing
+    linearize_moe(model)
+    for _, experts in get_linearized_moes(model):
+        for index in range(experts.num_experts):
+            expert = experts[index]
+            expert.up_proj.weight.copy_(
+                expert.gate_proj.weight + 0.05 * torch.randn_like(expert.up_proj.weight)
+            )
+            expert.down_proj.weight.mul_(0.4 + 0.3 * index)
+    repack_moe(model)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)}
+    vocab["[UNK]"] = VOCAB - 1
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[UNK]"
+    )
+
+
+def calibration_ids(num_samples: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB - 1, (num_samples, length), generator=generator)
