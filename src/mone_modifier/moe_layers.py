@@ -58,20 +58,26 @@ def find_moe_layers(model: torch.nn.Module, ignore: list[str]) -> MoEModel:
     :raises ValueError: when the model has no MoE block, or ``ignore``
         excludes them all
     """
-    if not any(
-        isinstance(getattr(module, e_attr, None), LinearExperts2D)
-        and any(hasattr(module, r_attr) for r_attr in ROUTER_ATTRS)
-        for module in model.modules()
-        for e_attr in EXPERTS_ATTRS
-    ):
+    blocks = [
+        name
+        for name, module in model.named_modules()
+        if any(isinstance(getattr(module, e, None), LinearExperts2D) for e in EXPERTS_ATTRS)
+        and any(hasattr(module, r) for r in ROUTER_ATTRS)
+    ]
+    if not blocks:
         raise ValueError(
             f"MoNEPruningModifier found no MoE layer in this "
             f"{type(model).__name__}: it looks for a block with an "
-            f"{' or '.join(EXPERTS_ATTRS)!r} module of routed experts (fused "
-            f"experts are linearised by oneshot) next to a "
+            f"{' or '.join(map(repr, EXPERTS_ATTRS))} module of routed experts "
+            f"(fused experts are linearised by oneshot) next to a "
             f"{' or '.join(map(repr, ROUTER_ATTRS))} router. Expert pruning "
             f"needs a Mixture-of-Experts model; remove MoNEPruningModifier from "
             f"the recipe for a dense model."
+        )
+    if all(any(re.search(pattern, name) for pattern in ignore) for name in blocks):
+        raise ValueError(
+            f"ignore={ignore} matches every MoE layer of the model ({blocks[0]}, "
+            f"...): nothing would be pruned. Narrow the `ignore` patterns."
         )
     attrs = get_moe_attrs(model, ignore)
     return MoEModel(attrs, [MoELayer(name, _layer_index(name)) for name in attrs.moe_layer_names])

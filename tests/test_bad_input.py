@@ -1,0 +1,157 @@
+"""
+Every bad input fails with an error naming the parameter and the fix, before
+any calibration work, and leaves the user's files untouched.
+"""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from llmcompressor import oneshot
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from helpers import run_oneshot
+from tiny_models import tiny_tokenizer
+
+import mone_modifier  # noqa: F401
+from mone_modifier import MoNEPruningModifier
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        if file.is_file():
+            digest.update(str(file.relative_to(path)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Fails the test if MoNE starts calibrating."""
+    started = []
+    monkeypatch.setattr(
+        MoNEPruningModifier,
+        "on_calibration_start",
+        lambda self, *args, **kwargs: started.append(True),
+    )
+    yield
+    assert not started, "the error came after calibration started"
+
+
+def fails_before_calibration(path, samples, recipe, match, **kwargs):
+    before = tree_digest(path)
+    with pytest.raises(Exception, match=match):
+        run_oneshot(path, samples, recipe, **kwargs)
+    assert tree_digest(path) == before
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.25, 1.5])
+def test_sparsity_outside_unit_interval(sparsity):
+    with pytest.raises(ValueError, match=r"sparsity must be .* in \(0, 1\)"):
+        MoNEPruningModifier(sparsity=sparsity)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("scoring", "entropy"), ("scope", "global"), ("novice", "median")]
+)
+def test_unknown_choice_names_field_and_choices(field, value):
+    with pytest.raises(ValueError) as error:
+        MoNEPruningModifier(sparsity=0.25, **{field: value})
+    message = str(error.value)
+    assert field in message and value in message
+    assert "mean" in message or "mone" in message or "layer" in message
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ValueError, match="no parameter 'sparsty'.*Did you mean 'sparsity'"):
+        MoNEPruningModifier(sparsty=0.25)
+
+
+def test_unknown_key_in_yaml_recipe(tiny_moe, samples, tmp_path, no_calibration):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "mone_stage:\n  pruning_modifiers:\n    MoNEPruningModifier:\n"
+        "      sparsity: 0.25\n      novices: mean\n"
+    )
+    fails_before_calibration(
+        tiny_moe("olmoe"), samples, str(recipe), "no parameter 'novices'.*'novice'"
+    )
+
+
+def test_report_path_must_be_json():
+    with pytest.raises(ValueError, match="report_path must name a .json"):
+        MoNEPruningModifier(sparsity=0.25, report_path="out/report.txt")
+
+
+def test_drop_needs_layer_scope():
+    with pytest.raises(ValueError, match="novice: drop .* scope: layer"):
+        MoNEPruningModifier(sparsity=0.25, novice="drop", scope="model")
+
+
+def test_sparsity_leaving_fewer_than_top_k(tiny_moe, samples, no_calibration):
+    # 8 experts, top-2: round(0.9 * 8) = 7 would keep a single expert
+    fails_before_calibration(
+        tiny_moe("olmoe"),
+        samples,
+        MoNEPruningModifier(sparsity=0.9),
+        r"keep 1 of 8 experts .* top_k=2\. Lower `sparsity` to at most 0\.75",
+    )
+
+
+def test_sparsity_breaking_group_limits(tiny_moe, samples, no_calibration):
+    # DeepSeek-V3 test model: 2 groups of 4, one group per token, top-2, so each
+    # group must keep 2 experts; round(0.7 * 8) = 6 keeps 2 in total
+    fails_before_calibration(
+        tiny_moe("deepseek_v3"),
+        samples,
+        MoNEPruningModifier(sparsity=0.7),
+        r"fewer than 2 experts in some of the 2 routing groups.*`sparsity`",
+    )
+
+
+def test_drop_needs_equal_loss_per_group(tiny_moe, samples, no_calibration):
+    fails_before_calibration(
+        tiny_moe("deepseek_v3"),
+        samples,
+        MoNEPruningModifier(sparsity=0.375, novice="drop"),
+        r"multiple of 2",
+    )
+
+
+def test_dense_model(tmp_path, samples, no_calibration):
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    path = tmp_path / "dense"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    fails_before_calibration(
+        path,
+        samples,
+        MoNEPruningModifier(sparsity=0.25),
+        r"found no MoE layer in this LlamaForCausalLM: it looks for .*'experts'.*'router'",
+    )
+
+
+def test_ignore_excluding_every_layer(tiny_moe, samples, no_calibration):
+    fails_before_calibration(
+        tiny_moe("olmoe"),
+        samples,
+        MoNEPruningModifier(sparsity=0.25, ignore=[r".*mlp$"]),
+        r"ignore=.* matches every MoE layer .*Narrow the `ignore` patterns",
+    )
+
+
+def test_recipe_without_calibration_dataset(tiny_moe, no_calibration):
+    path = tiny_moe("olmoe")
+    before = tree_digest(path)
+    with pytest.raises(ValueError, match="needs calibration data .*: pass a dataset"):
+        oneshot(model=str(path), recipe=MoNEPruningModifier(sparsity=0.25))
+    assert tree_digest(path) == before
