@@ -9,6 +9,7 @@ reductions (no streaming). Novices are applied with a forward hook that swaps
 ``g * f_i(x)`` for ``g * mu_i`` on the tokens routed to a novice.
 """
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,63 @@ def choose_lowest(layer: ReferenceLayer, scoring: str, count: int) -> list[int]:
     return sorted(order[:count])
 
 
+def choose_lowest_per_group(layer: ReferenceLayer, scoring: str, per_group: int, group_size: int) -> list[int]:
+    """The ``per_group`` lowest scores inside each routing group."""
+    score = layer.score(scoring)
+    chosen = []
+    for start in range(0, len(score), group_size):
+        group = range(start, start + group_size)
+        chosen += sorted(group, key=lambda e: (layer.routed[e] > 0, float(score[e]), e))[:per_group]
+    return sorted(chosen)
+
+
+def choose_model_wide(
+    layers: list[ReferenceLayer],
+    scoring: str,
+    per_layer: int,
+    layer_limit: int,
+    group_size: int | None = None,
+    group_limit: int | None = None,
+) -> dict[int, list[int]]:
+    """One ranking over all layers; no layer loses more than ``layer_limit``,
+    no routing group more than ``group_limit``."""
+    ranking = sorted(
+        (bool(layer.routed[e] > 0), float(layer.score(scoring)[e]), layer.index, e)
+        for layer in layers
+        for e in range(len(layer.routed))
+    )
+    chosen = {layer.index: [] for layer in layers}
+    for _, _, index, e in ranking:
+        if sum(map(len, chosen.values())) == per_layer * len(layers):
+            break
+        same_group = [c for c in chosen[index] if group_size and c // group_size == e // group_size]
+        if len(chosen[index]) < layer_limit and (group_size is None or len(same_group) < group_limit):
+            chosen[index].append(e)
+    return {index: sorted(ids) for index, ids in chosen.items()}
+
+
+def shrunk_block(block: torch.nn.Module, config, retained: list[int]) -> torch.nn.Module:
+    """The same MoE block class built for fewer experts, holding the retained
+    experts' weights and router rows: what a stock checkpoint with fewer
+    experts loads as."""
+    config = copy.deepcopy(config)
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if key in config.to_dict():
+            setattr(config, key, len(retained))
+    small = type(block)(config)
+    num_experts = block.experts.gate_up_proj.shape[0]
+    state = {
+        key: value[retained]
+        if key.split(".")[0] in ("experts", "gate", "router")
+        and value.dim() > 0
+        and value.shape[0] == num_experts
+        else value
+        for key, value in block.state_dict().items()
+    }
+    small.load_state_dict(state)
+    return small.eval()
+
+
 def novice_hook(novices: dict[int, torch.Tensor]):
     def hook(module, args, output):
         x, top_k_index, top_k_weights = args
@@ -155,6 +213,12 @@ class ReferenceMoNE:
 
     def replace(self, layer: ReferenceLayer, novices: list[int], novice: str = "mean"):
         layer.novices = novices
+        if novice == "drop":
+            retained = [e for e in range(self.num_experts) if e not in novices]
+            decoder_layer = self.model.model.layers[layer.index]
+            decoder_layer.mlp = shrunk_block(decoder_layer.mlp, self.model.config, retained)
+            self.blocks[layer.index] = decoder_layer.mlp.experts
+            return
         table = {
             "mean": layer.mean,
             "weighted_mean": layer.weighted_mean,
@@ -164,15 +228,35 @@ class ReferenceMoNE:
             novice_hook({e: table[e] for e in novices})
         )
 
-    def run_layer_scope(self, count: int, scoring: str = "mone", novice: str = "mean", progressive: bool = True):
+    def run_layer_scope(
+        self,
+        count: int,
+        scoring: str = "mone",
+        novice: str = "mean",
+        progressive: bool = True,
+        group_size: int | None = None,
+    ):
+        def choose(layer):
+            if group_size is None:
+                return choose_lowest(layer, scoring, count)
+            per_group = count * group_size // self.num_experts
+            return choose_lowest_per_group(layer, scoring, per_group, group_size)
+
         order = sorted(self.blocks)
         if progressive:
             for i in order:
                 (layer,) = self.measure([i])
-                self.replace(layer, choose_lowest(layer, scoring, count), novice)
+                self.replace(layer, choose(layer), novice)
         else:
             for layer in self.measure(order):
-                self.replace(layer, choose_lowest(layer, scoring, count), novice)
+                self.replace(layer, choose(layer), novice)
+        return self
+
+    def run_model_scope(self, per_layer: int, layer_limit: int, scoring: str = "mone", novice: str = "mean", **groups):
+        layers = self.measure(sorted(self.blocks))
+        chosen = choose_model_wide(layers, scoring, per_layer, layer_limit, **groups)
+        for layer in layers:
+            self.replace(layer, chosen[layer.index], novice)
         return self
 
     @torch.no_grad()
