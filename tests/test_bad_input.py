@@ -11,7 +11,7 @@ from llmcompressor import oneshot
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from helpers import run_oneshot
-from tiny_models import tiny_tokenizer
+from mone_modifier.tiny_moe import tiny_tokenizer
 
 import mone_modifier  # noqa: F401
 from mone_modifier import MoNEPruningModifier

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import run_oneshot
 from reference import moe_blocks
-from tiny_models import FAMILIES
+from mone_modifier.tiny_moe import FAMILIES
 
 import mone_modifier  # noqa: F401
 from mone_modifier import MoNEPruningModifier

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import novice_vectors, read_report, run_oneshot
 from reference import ReferenceMoNE, moe_blocks
-from tiny_models import FAMILIES, NUM_EXPERTS
+from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS
 
 import mone_modifier  # noqa: F401  (registers the modifier)
 from mone_modifier import MoNEPruningModifier

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import novice_vectors, read_report, run_oneshot
 from reference import ReferenceMoNE
-from tiny_models import NUM_EXPERTS, TOP_K, tiny_tokenizer
+from mone_modifier.tiny_moe import NUM_EXPERTS, TOP_K, tiny_tokenizer
 
 import mone_modifier  # noqa: F401
 from mone_modifier import MoNEPruningModifier

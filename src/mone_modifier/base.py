@@ -31,7 +31,7 @@ from mone_modifier.novice import (
     novice_values,
     replace_with_novices,
 )
-from mone_modifier.report import LayerDecision, write_report
+from mone_modifier.report import LayerDecision, build_report, write_report
 from mone_modifier.scoring import (
     PruningBudget,
     Scoring,
@@ -227,7 +227,7 @@ class MoNEPruningModifier(Modifier):
                 self._moe.attrs.num_experts - self._budget.per_layer,
             )
         if self.report_path is not None and is_source_process():
-            write_report(self.report_path, self._report_settings(), self._decisions)
+            write_report(self.report_path, self.report())
             logger.info(f"MoNE report written to {self.report_path}")
         if self._cpu_pg is not None:
             dist.destroy_process_group(group=self._cpu_pg)
@@ -326,9 +326,11 @@ class MoNEPruningModifier(Modifier):
             routed_tokens=[int(n) for n in stats.routed.tolist()],
         )
 
-    def _report_settings(self) -> dict[str, Any]:
+    def report(self) -> dict:
+        """The settings, totals and every layer's decision so far (what
+        ``report_path`` receives)."""
         attrs = self._moe.attrs
-        return {
+        settings = {
             **self.model_dump(
                 include={"sparsity", "scoring", "scope", "novice", "ignore", "seed"}
             ),
@@ -336,3 +338,4 @@ class MoNEPruningModifier(Modifier):
             "top_k": attrs.top_k,
             "replaced_per_layer": self._budget.per_layer,
         }
+        return build_report(settings, self._decisions)

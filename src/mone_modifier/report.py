@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LayerDecision", "write_report"]
+__all__ = ["LayerDecision", "build_report", "write_report"]
 
 
 @dataclass
@@ -42,9 +42,9 @@ class LayerDecision:
     routed_tokens: list[int]
 
 
-def write_report(path: str, settings: dict[str, Any], decisions: list[LayerDecision]):
-    """Write ``path`` (JSON) and the heatmap beside it, each atomically."""
-    report = {
+def build_report(settings: dict[str, Any], decisions: list[LayerDecision]) -> dict:
+    """The run's settings, totals and per-layer decisions, as JSON-ready data."""
+    return {
         "settings": settings,
         "totals": {
             "moe_layers": len(decisions),
@@ -55,13 +55,17 @@ def write_report(path: str, settings: dict[str, Any], decisions: list[LayerDecis
         },
         "layers": [asdict(d) for d in decisions],
     }
+
+
+def write_report(path: str | Path, report: dict):
+    """Write ``path`` (JSON) and the heatmap beside it, each atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(target, json.dumps(report, indent=2).encode())
-    _atomic_write(target.with_suffix(".png"), _heatmap_png(decisions, settings))
+    _atomic_write(target.with_suffix(".png"), _heatmap_png(report))
 
 
-def _heatmap_png(decisions: list[LayerDecision], settings: dict[str, Any]) -> bytes:
+def _heatmap_png(report: dict) -> bytes:
     import io
 
     import matplotlib
@@ -70,7 +74,8 @@ def _heatmap_png(decisions: list[LayerDecision], settings: dict[str, Any]) -> by
     import matplotlib.pyplot as plt
     import numpy as np
 
-    scores = np.array([d.score for d in decisions], dtype=float)
+    settings, decisions = report["settings"], report["layers"]
+    scores = np.array([d["score"] for d in decisions], dtype=float)
     num_layers, num_experts = scores.shape
     fig, ax = plt.subplots(
         figsize=(max(6, 0.25 * num_experts + 2), max(3, 0.35 * num_layers + 1.5))
@@ -79,9 +84,9 @@ def _heatmap_png(decisions: list[LayerDecision], settings: dict[str, Any]) -> by
     fig.colorbar(image, ax=ax, label=f"{settings['scoring']} score")
     for row, decision in enumerate(decisions):
         ax.scatter(
-            decision.novices, [row] * len(decision.novices), marker="x", c="red", s=20
+            decision["novices"], [row] * len(decision["novices"]), marker="x", c="red", s=20
         )
-    ax.set_yticks(range(num_layers), [str(d.index) for d in decisions])
+    ax.set_yticks(range(num_layers), [str(d["index"]) for d in decisions])
     ax.set_xlabel("expert")
     ax.set_ylabel("decoder layer")
     ax.set_title(f"MoNE novices (x), sparsity {settings['sparsity']}")

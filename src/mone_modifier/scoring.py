@@ -50,7 +50,9 @@ def expert_scores(
         score = stats.saliency
     elif scoring == "random":
         rng = random.Random(f"{seed}:{layer_index}")
-        score = torch.tensor([rng.random() for _ in range(stats.num_experts)])
+        score = torch.tensor(
+            [rng.random() for _ in range(stats.num_experts)], dtype=torch.float64
+        )
     else:
         raise ValueError(f"unknown scoring {scoring!r}")
     return score.to("cpu", torch.float64)

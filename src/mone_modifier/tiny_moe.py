@@ -1,6 +1,7 @@
 """
-Tiny MoE models of every supported family, built from transformers configs
-with random weights and saved to disk (oneshot loads from a path).
+Small MoE models of every supported family, built from transformers configs
+with random weights and saved to disk (oneshot loads from a path): the
+quickstart's default model and the tests' fixtures.
 
 Random experts have near-zero mean outputs and near-tied scores, which would
 let a wrong novice or a wrong choice hide inside the tolerance. So each
@@ -12,7 +13,11 @@ and its down projection gets its own scale (well separated output stds).
 from pathlib import Path
 
 import torch
-from llmcompressor.modeling.moe.linearize import get_linearized_moes, linearize_moe, repack_moe
+from llmcompressor.modeling.moe.linearize import (
+    get_linearized_moes,
+    linearize_moe,
+    repack_moe,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -73,15 +78,26 @@ _FAMILY = {
 }
 
 
-def tiny_config(family: str):
-    return AutoConfig.for_model(family, **{**_COMMON, **_FAMILY[family]})
+def tiny_config(family: str, **overrides):
+    return AutoConfig.for_model(family, **{**_COMMON, **_FAMILY[family], **overrides})
 
 
 @torch.no_grad()
-def build_tiny_moe(family: str, path: Path, seed: int = 0) -> Path:
-    """Save a tiny ``family`` model with distinguishable experts to ``path``."""
+def build_tiny_moe(
+    family: str,
+    path: Path,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    **overrides,
+) -> Path:
+    """
+    Save a tiny ``family`` model with distinguishable experts, and a tokenizer
+    (a word-level one over ``w0 .. w94`` by default), to ``path``.
+
+    :param overrides: config values to change, e.g. ``num_hidden_layers``
+    """
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     for name, param in model.named_parameters():
         if param.dim() >= 2:
             param.normal_(0.0, 0.15)
@@ -104,7 +120,7 @@ def build_tiny_moe(family: str, path: Path, seed: int = 0) -> Path:
             expert.down_proj.weight.mul_(0.4 + 0.3 * index)
     repack_moe(model)
     model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    (tokenizer or tiny_tokenizer()).save_pretrained(path)
     return path
 
 

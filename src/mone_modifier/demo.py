@@ -1,0 +1,117 @@
+"""
+The quickstart: build a small OLMoE-style model, prune it with a MoNE recipe
+through ``oneshot`` on real text (Python standard-library sources, present on
+every machine), and print the report summary.
+
+    python -m mone_modifier.demo --recipe recipes/mone_25.yaml
+"""
+
+import argparse
+import inspect
+import tempfile
+from pathlib import Path
+
+from datasets import Dataset
+from llmcompressor import oneshot
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from llmcompressor.core import active_session
+
+from mone_modifier import MoNEPruningModifier
+from mone_modifier.report import write_report
+from mone_modifier.tiny_moe import build_tiny_moe
+
+VOCAB_SIZE = 512
+DEMO_MODEL = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_experts=16,
+    num_experts_per_tok=4,
+)
+
+
+def stdlib_text() -> list[str]:
+    """Paragraphs of a few standard-library modules' sources."""
+    import argparse as a
+    import dataclasses
+    import json as j
+    import textwrap
+
+    source = "\n".join(inspect.getsource(m) for m in (a, dataclasses, j, textwrap))
+    return [p for p in source.split("\n\n") if len(p) > 200]
+
+
+def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=VOCAB_SIZE,
+            special_tokens=["<unk>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def summary(report: dict) -> str:
+    settings = report["settings"]
+    lines = [
+        f"MoNE {settings['scoring']} scoring, {settings['novice']} novices, "
+        f"sparsity {settings['sparsity']}: {settings['replaced_per_layer']} of "
+        f"{settings['num_experts']} experts (top-{settings['top_k']}) per layer",
+        f"{'layer':>5}  {'tokens':>6}  novices",
+    ]
+    for layer in report["layers"]:
+        never = f"  (never routed: {layer['never_routed']})" if layer["never_routed"] else ""
+        lines.append(f"{layer['index']:>5}  {layer['tokens']:>6}  {layer['novices']}{never}")
+    totals = report["totals"]
+    lines.append(f"total: {totals['novices']} novices, {totals['retained']} experts kept")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="recipes/mone_25.yaml")
+    parser.add_argument("--work-dir", default=None, help="where the model and report go")
+    parser.add_argument("--num-samples", type=int, default=32)
+    args = parser.parse_args(argv)
+    if not Path(args.recipe).is_file():
+        parser.error(f"--recipe {args.recipe!r} is not a file; run from the repository root")
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="mone-demo-"))
+    texts = stdlib_text()
+    model_path = build_tiny_moe(
+        "olmoe", work / "model", tokenizer=train_tokenizer(texts), **DEMO_MODEL
+    )
+    params_before = sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(model_path).parameters()
+    )
+    model = oneshot(
+        model=str(model_path),
+        dataset=Dataset.from_dict({"text": texts}),
+        recipe=args.recipe,
+        num_calibration_samples=args.num_samples,
+        max_seq_length=128,
+    )
+    (modifier,) = [
+        m
+        for m in active_session().lifecycle.recipe.modifiers
+        if isinstance(m, MoNEPruningModifier)
+    ]
+    report = modifier.report()
+    write_report(work / "report.json", report)
+    print(summary(report))
+    print(f"parameters: {params_before:,} -> {sum(p.numel() for p in model.parameters()):,}")
+    print(f"report: {work / 'report.json'} and report.png; model config records "
+          f"approximate_experts = {model.config.approximate_experts}")
+
+
+if __name__ == "__main__":
+    main()
