@@ -121,17 +121,15 @@ def test_random_scores_deterministic_and_seeded_by_seed_and_layer():
             assert len(set(s.tolist())) == 8  # no ties on 8 draws
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: 'random' scores are built with torch.tensor(list of floats), "
-    "i.e. float32, before .to(float64); a draw >= 1 - 2**-25 rounds to 1.0, "
-    "outside [0, 1) (seed=0, layer_index=1, expert 162853)",
-)
 def test_random_scores_are_float64_draws_in_unit_interval():
+    """Regression: the draws were once stored in float32, where the draw of
+    expert 162853 for (seed=0, layer_index=1), 0.99999997899..., rounds to 1.0."""
     num_experts = 162854
     stats = LayerStatistics.empty(num_experts, 1)
     scores = expert_scores(stats, "random", seed=0, layer_index=1)
-    assert (scores < 1).all()
+    assert scores.dtype == torch.float64
+    assert scores.max() > 1 - 2**-25  # the draw that float32 would round up
+    assert (scores >= 0).all() and (scores < 1).all()
 
 
 def test_unknown_scoring_raises():
