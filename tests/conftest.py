@@ -8,7 +8,7 @@ from loguru import logger
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mone_modifier.tiny_moe import FAMILIES, build_tiny_moe, calibration_ids  # noqa: E402
+from mone_modifier.tiny_moe import build_tiny_moe, calibration_ids  # noqa: E402
 
 NUM_SAMPLES = 8
 SEQ_LEN = 24

@@ -47,7 +47,9 @@ def moe_blocks(model) -> dict[int, torch.nn.Module]:
     }
 
 
-def expert_output(experts: torch.nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+def expert_output(
+    experts: torch.nn.Module, expert: int, x: torch.Tensor
+) -> torch.Tensor:
     """f_i(x): the fused module with every token routed to ``expert`` at weight 1."""
     index = torch.full((x.shape[0], 1), expert, dtype=torch.long)
     return experts.forward(x, index, torch.ones(x.shape[0], 1, dtype=x.dtype))
@@ -100,13 +102,17 @@ def choose_lowest(layer: ReferenceLayer, scoring: str, count: int) -> list[int]:
     return sorted(order[:count])
 
 
-def choose_lowest_per_group(layer: ReferenceLayer, scoring: str, per_group: int, group_size: int) -> list[int]:
+def choose_lowest_per_group(
+    layer: ReferenceLayer, scoring: str, per_group: int, group_size: int
+) -> list[int]:
     """The ``per_group`` lowest scores inside each routing group."""
     score = layer.score(scoring)
     chosen = []
     for start in range(0, len(score), group_size):
         group = range(start, start + group_size)
-        chosen += sorted(group, key=lambda e: (layer.routed[e] > 0, float(score[e]), e))[:per_group]
+        chosen += sorted(
+            group, key=lambda e: (layer.routed[e] > 0, float(score[e]), e)
+        )[:per_group]
     return sorted(chosen)
 
 
@@ -129,13 +135,21 @@ def choose_model_wide(
     for _, _, index, e in ranking:
         if sum(map(len, chosen.values())) == per_layer * len(layers):
             break
-        same_group = [c for c in chosen[index] if group_size and c // group_size == e // group_size]
-        if len(chosen[index]) < layer_limit and (group_size is None or len(same_group) < group_limit):
+        same_group = [
+            c
+            for c in chosen[index]
+            if group_size and c // group_size == e // group_size
+        ]
+        if len(chosen[index]) < layer_limit and (
+            group_size is None or len(same_group) < group_limit
+        ):
             chosen[index].append(e)
     return {index: sorted(ids) for index, ids in chosen.items()}
 
 
-def shrunk_block(block: torch.nn.Module, config, retained: list[int]) -> torch.nn.Module:
+def shrunk_block(
+    block: torch.nn.Module, config, retained: list[int]
+) -> torch.nn.Module:
     """The same MoE block class built for fewer experts, holding the retained
     experts' weights and router rows: what a stock checkpoint with fewer
     experts loads as."""
@@ -216,7 +230,9 @@ class ReferenceMoNE:
         if novice == "drop":
             retained = [e for e in range(self.num_experts) if e not in novices]
             decoder_layer = self.model.model.layers[layer.index]
-            decoder_layer.mlp = shrunk_block(decoder_layer.mlp, self.model.config, retained)
+            decoder_layer.mlp = shrunk_block(
+                decoder_layer.mlp, self.model.config, retained
+            )
             self.blocks[layer.index] = decoder_layer.mlp.experts
             return
         table = {
@@ -252,7 +268,14 @@ class ReferenceMoNE:
                 self.replace(layer, choose(layer), novice)
         return self
 
-    def run_model_scope(self, per_layer: int, layer_limit: int, scoring: str = "mone", novice: str = "mean", **groups):
+    def run_model_scope(
+        self,
+        per_layer: int,
+        layer_limit: int,
+        scoring: str = "mone",
+        novice: str = "mean",
+        **groups,
+    ):
         layers = self.measure(sorted(self.blocks))
         chosen = choose_model_wide(layers, scoring, per_layer, layer_limit, **groups)
         for layer in layers:

@@ -10,11 +10,10 @@ import pytest
 from llmcompressor import oneshot
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from helpers import run_oneshot
-from mone_modifier.tiny_moe import tiny_tokenizer
-
 import mone_modifier  # noqa: F401
+from helpers import run_oneshot
 from mone_modifier import MoNEPruningModifier
+from mone_modifier.tiny_moe import tiny_tokenizer
 
 
 def tree_digest(path: Path) -> str:
@@ -64,7 +63,9 @@ def test_unknown_choice_names_field_and_choices(field, value):
 
 
 def test_unknown_key_suggests_the_right_one():
-    with pytest.raises(ValueError, match="no parameter 'sparsty'.*Did you mean 'sparsity'"):
+    with pytest.raises(
+        ValueError, match="no parameter 'sparsty'.*Did you mean 'sparsity'"
+    ):
         MoNEPruningModifier(sparsty=0.25)
 
 
@@ -136,7 +137,7 @@ def test_dense_model(tmp_path, samples, no_calibration):
         path,
         samples,
         MoNEPruningModifier(sparsity=0.25),
-        r"found no MoE layer in this LlamaForCausalLM: it looks for .*'experts'.*'router'",
+        r"no MoE layer in this LlamaForCausalLM: it looks for .*'experts'.*'router'",
     )
 
 

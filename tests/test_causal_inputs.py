@@ -9,18 +9,19 @@ import torch
 from llmcompressor.modeling.moe.linearize import linearize_moe
 from transformers import AutoModelForCausalLM
 
-from helpers import run_oneshot
-from reference import moe_blocks
-from mone_modifier.tiny_moe import FAMILIES
-
 import mone_modifier  # noqa: F401
+from helpers import run_oneshot
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.sequential_tracing import SequentialTracer
+from mone_modifier.tiny_moe import FAMILIES
+from reference import moe_blocks
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_expert_inputs_equal_plain_causal_forward(family, batch_size, tiny_moe, samples):
+def test_expert_inputs_equal_plain_causal_forward(
+    family, batch_size, tiny_moe, samples
+):
     path = tiny_moe(family)
     plain = AutoModelForCausalLM.from_pretrained(path).eval()
     first = min(moe_blocks(plain))
@@ -39,7 +40,9 @@ def test_expert_inputs_equal_plain_causal_forward(family, batch_size, tiny_moe, 
         lambda module, args: seen.append(args[0].detach().clone())
     )
     original_create_arg = SequentialTracer.create_arg
-    run_oneshot(model, samples, MoNEPruningModifier(sparsity=0.25), batch_size=batch_size)
+    run_oneshot(
+        model, samples, MoNEPruningModifier(sparsity=0.25), batch_size=batch_size
+    )
 
     # the first len(expected) calls are the calibration pass of that layer
     calibration = torch.cat(seen[: len(expected)])

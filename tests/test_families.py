@@ -6,14 +6,14 @@ and the pruned model's logits.
 
 import pytest
 import torch
+from compressed_tensors.offload.cache.base import OffloadCache
 from transformers import AutoModelForCausalLM
 
-from helpers import novice_vectors, read_report, run_oneshot
-from reference import ReferenceMoNE, moe_blocks
-from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS
-
 import mone_modifier  # noqa: F401  (registers the modifier)
+from helpers import novice_vectors, read_report, run_oneshot
 from mone_modifier import MoNEPruningModifier
+from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS
+from reference import ReferenceMoNE, moe_blocks
 
 SPARSITY = 0.25
 REPLACED = round(SPARSITY * NUM_EXPERTS)
@@ -24,7 +24,9 @@ _references: dict[str, ReferenceMoNE] = {}
 
 def reference_for(family: str, path, samples) -> ReferenceMoNE:
     if family not in _references:
-        _references[family] = ReferenceMoNE(path, samples, NUM_EXPERTS).run_layer_scope(REPLACED)
+        _references[family] = ReferenceMoNE(path, samples, NUM_EXPERTS).run_layer_scope(
+            REPLACED
+        )
     return _references[family]
 
 
@@ -41,7 +43,9 @@ def expert_sizes(path) -> dict[int, int]:
 @pytest.mark.parametrize(
     "calibrate_all,batch_size", [(True, 1), (True, 4), (False, 1), (False, 4)]
 )
-def test_matches_reference(family, calibrate_all, batch_size, tiny_moe, samples, tmp_path):
+def test_matches_reference(
+    family, calibrate_all, batch_size, tiny_moe, samples, tmp_path
+):
     path = tiny_moe(family)
     reference = reference_for(family, path, samples)
     report_path = tmp_path / "report.json"
@@ -63,23 +67,40 @@ def test_matches_reference(family, calibrate_all, batch_size, tiny_moe, samples,
         assert layer["tokens"] == expected.tokens == samples.numel()
         assert layer["routed_tokens"] == expected.routed.tolist()
         torch.testing.assert_close(
-            torch.tensor(layer["frequency"], dtype=torch.float64), expected.frequency, rtol=1e-5, atol=1e-9
+            torch.tensor(layer["frequency"], dtype=torch.float64),
+            expected.frequency,
+            rtol=1e-5,
+            atol=1e-9,
         )
         torch.testing.assert_close(
-            torch.tensor(layer["output_std"], dtype=torch.float64), expected.output_std, rtol=1e-5, atol=1e-9
+            torch.tensor(layer["output_std"], dtype=torch.float64),
+            expected.output_std,
+            rtol=1e-5,
+            atol=1e-9,
         )
         assert layer["novices"] == expected.novices
         vectors = novice_vectors(model, layer["index"])
         assert sorted(vectors) == expected.novices
         for expert, vector in vectors.items():
-            torch.testing.assert_close(vector.double(), expected.mean[expert], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                vector.double(), expected.mean[expert], rtol=1e-5, atol=1e-6
+            )
+        # the sequential pipeline offloads every module; novices join that management
+        experts = model.model.layers[layer["index"]].mlp.experts
+        for expert in layer["novices"]:
+            assert isinstance(experts[expert]._buffers, OffloadCache)
+            assert not any(
+                isinstance(m, torch.nn.Linear) for m in experts[expert].modules()
+            )
 
     assert model.config.approximate_experts == {
         str(index): layer.novices for index, layer in reference.layers.items()
     }
     sizes = expert_sizes(path)
     params_after = sum(p.numel() for p in model.parameters())
-    assert params_before - params_after == sum(sizes[i] * REPLACED for i in reference.layers)
+    assert params_before - params_after == sum(
+        sizes[i] * REPLACED for i in reference.layers
+    )
 
     with torch.no_grad():
         logits = model(input_ids=samples).logits

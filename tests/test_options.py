@@ -7,12 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import novice_vectors, read_report, run_oneshot
-from reference import ReferenceMoNE
-from mone_modifier.tiny_moe import NUM_EXPERTS, TOP_K, tiny_tokenizer
-
 import mone_modifier  # noqa: F401
+from helpers import novice_vectors, read_report, run_oneshot
 from mone_modifier import MoNEPruningModifier
+from mone_modifier.tiny_moe import NUM_EXPERTS, TOP_K, tiny_tokenizer
+from reference import ReferenceMoNE
 
 
 def run_and_report(path, samples, tmp_path, pipeline="independent", **options):
@@ -52,14 +51,18 @@ def test_layer_scope_options(family, options, tiny_moe, samples, tmp_path):
     assert_same_logits(model, reference, samples)
 
 
-@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize(
+    "family", ["olmoe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
+)
 def test_drop_matches_a_smaller_stock_model(family, tiny_moe, samples, tmp_path):
     path = tiny_moe(family)
     group_size = 4 if family == "deepseek_v3" else None
     reference = ReferenceMoNE(path, samples, NUM_EXPERTS).run_layer_scope(
         2, novice="drop", group_size=group_size
     )
-    model, layers = run_and_report(path, samples, tmp_path, sparsity=0.25, novice="drop")
+    model, layers = run_and_report(
+        path, samples, tmp_path, sparsity=0.25, novice="drop"
+    )
     for index, expected in reference.layers.items():
         assert layers[index]["novices"] == expected.novices
         experts = model.model.layers[index].mlp.experts
@@ -84,14 +87,17 @@ def test_model_scope(family, tiny_moe, samples, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "pipeline,progressive", [("sequential", True), ("basic", False), ("independent", True)]
+    "pipeline,progressive",
+    [("sequential", True), ("basic", False), ("independent", True)],
 )
 def test_pipelines(pipeline, progressive, tiny_moe, samples, tmp_path):
     path = tiny_moe("qwen3_moe")
     reference = ReferenceMoNE(path, samples, NUM_EXPERTS).run_layer_scope(
         2, progressive=progressive
     )
-    model, layers = run_and_report(path, samples, tmp_path, pipeline=pipeline, sparsity=0.25)
+    model, layers = run_and_report(
+        path, samples, tmp_path, pipeline=pipeline, sparsity=0.25
+    )
     for index, expected in reference.layers.items():
         assert layers[index]["novices"] == expected.novices
         assert layers[index]["routed_tokens"] == expected.routed.tolist()
@@ -101,7 +107,9 @@ def test_pipelines(pipeline, progressive, tiny_moe, samples, tmp_path):
 def test_random_scoring_is_seeded(tiny_moe, samples, tmp_path):
     path = tiny_moe("olmoe")
     runs = [
-        run_and_report(path, samples, tmp_path / str(i), sparsity=0.25, scoring="random", seed=seed)[1]
+        run_and_report(
+            path, samples, tmp_path / str(i), sparsity=0.25, scoring="random", seed=seed
+        )[1]
         for i, seed in enumerate([0, 0, 1])
     ]
     choices = [{i: layer["novices"] for i, layer in run.items()} for run in runs]
@@ -110,7 +118,9 @@ def test_random_scoring_is_seeded(tiny_moe, samples, tmp_path):
     assert all(len(ids) == 2 for run in choices for ids in run.values())
 
 
-def test_never_routed_expert_is_replaced_first_by_zero(tiny_moe, samples, tmp_path, log_lines):
+def test_never_routed_expert_is_replaced_first_by_zero(
+    tiny_moe, samples, tmp_path, log_lines
+):
     model = AutoModelForCausalLM.from_pretrained(tiny_moe("gpt_oss"))
     with torch.no_grad():
         model.model.layers[0].mlp.router.bias[5] = -1e4  # never selected
@@ -125,5 +135,7 @@ def test_never_routed_expert_is_replaced_first_by_zero(tiny_moe, samples, tmp_pa
     assert 5 in layers[0]["novices"]
     assert layers[0]["novices"] == reference.layers[0].novices
     assert torch.count_nonzero(novice_vectors(pruned, 0)[5]) == 0
-    assert any("experts [5] received no calibration token" in line for line in log_lines)
+    assert any(
+        "experts [5] received no calibration token" in line for line in log_lines
+    )
     assert_same_logits(pruned, reference, samples)

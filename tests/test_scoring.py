@@ -7,7 +7,6 @@ independent greedy).
 import random
 from collections import Counter
 from itertools import combinations
-from math import ceil
 
 import pytest
 import torch
@@ -29,11 +28,16 @@ def raw_layer(tokens=120, num_experts=8, top_k=2, hidden=5, seed=0, unused=()):
     gen = torch.Generator().manual_seed(seed)
     allowed = torch.tensor([e for e in range(num_experts) if e not in unused])
     index = torch.stack(
-        [allowed[torch.randperm(len(allowed), generator=gen)[:top_k]] for _ in range(tokens)]
+        [
+            allowed[torch.randperm(len(allowed), generator=gen)[:top_k]]
+            for _ in range(tokens)
+        ]
     )
     weights = torch.rand(tokens, top_k, generator=gen, dtype=torch.float64) + 0.05
     scale = torch.rand(num_experts, 1, 1, generator=gen, dtype=torch.float64) * 3 + 0.1
-    outputs = torch.randn(num_experts, tokens, hidden, generator=gen, dtype=torch.float64)
+    outputs = torch.randn(
+        num_experts, tokens, hidden, generator=gen, dtype=torch.float64
+    )
     outputs = outputs * scale + 1.5
 
     stats = LayerStatistics.empty(num_experts, hidden)
@@ -85,11 +89,20 @@ def test_scores_match_raw_data(seed):
 def test_scores_match_statistics_properties():
     stats, _ = raw_layer(seed=4)
     torch.testing.assert_close(
-        expert_scores(stats, "mone", 0, 0), stats.frequency * stats.output_std, rtol=0, atol=0
+        expert_scores(stats, "mone", 0, 0),
+        stats.frequency * stats.output_std,
+        rtol=0,
+        atol=0,
     )
-    torch.testing.assert_close(expert_scores(stats, "frequency", 0, 0), stats.frequency, rtol=0, atol=0)
-    torch.testing.assert_close(expert_scores(stats, "variance", 0, 0), stats.output_std, rtol=0, atol=0)
-    torch.testing.assert_close(expert_scores(stats, "reap", 0, 0), stats.saliency, rtol=0, atol=0)
+    torch.testing.assert_close(
+        expert_scores(stats, "frequency", 0, 0), stats.frequency, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        expert_scores(stats, "variance", 0, 0), stats.output_std, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        expert_scores(stats, "reap", 0, 0), stats.saliency, rtol=0, atol=0
+    )
 
 
 def test_non_random_scores_ignore_seed_and_layer():
@@ -106,7 +119,9 @@ def test_random_scores_deterministic_and_seeded_by_seed_and_layer():
     base = expert_scores(stats, "random", seed=3, layer_index=2)
     assert base.dtype == torch.float64 and base.shape == (8,)
     assert torch.equal(base, expert_scores(stats, "random", seed=3, layer_index=2))
-    assert torch.equal(base, expert_scores(other_stats, "random", seed=3, layer_index=2))
+    assert torch.equal(
+        base, expert_scores(other_stats, "random", seed=3, layer_index=2)
+    )
     assert not torch.equal(base, expert_scores(stats, "random", seed=4, layer_index=2))
     assert not torch.equal(base, expert_scores(stats, "random", seed=3, layer_index=1))
     # (seed, layer) is not collapsed into one number, e.g. a sum
@@ -164,7 +179,9 @@ def test_plan_budget_without_groups(sparsity, num_experts, top_k, per_layer):
 
 
 @pytest.mark.parametrize("drop", [False, True])
-@pytest.mark.parametrize("sparsity, num_experts", [(0.01, 8), (0.06, 8), (0.0, 64), (0.007, 64)])
+@pytest.mark.parametrize(
+    "sparsity, num_experts", [(0.01, 8), (0.06, 8), (0.0, 64), (0.007, 64)]
+)
 def test_plan_budget_rejects_zero_experts(sparsity, num_experts, drop):
     with pytest.raises(ValueError, match="`sparsity`"):
         plan_budget(sparsity, num_experts, 2, None, None, drop=drop)
@@ -172,7 +189,8 @@ def test_plan_budget_rejects_zero_experts(sparsity, num_experts, drop):
 
 @pytest.mark.parametrize("drop", [False, True])
 @pytest.mark.parametrize(
-    "sparsity, num_experts, top_k", [(0.85, 8, 2), (1.0, 8, 2), (0.9, 64, 8), (0.5, 8, 6)]
+    "sparsity, num_experts, top_k",
+    [(0.85, 8, 2), (1.0, 8, 2), (0.9, 64, 8), (0.5, 8, 6)],
 )
 def test_plan_budget_rejects_fewer_than_top_k(sparsity, num_experts, top_k, drop):
     assert num_experts - round(sparsity * num_experts) < top_k
@@ -197,16 +215,22 @@ def test_plan_budget_group_limits_novice(num_experts, n_group, top_k, topk_group
     # every per-layer count that the groups can absorb works ...
     for per_layer in range(1, num_experts + 1):
         sparsity = per_layer / num_experts
-        feasible = per_layer <= n_group * group_limit and num_experts - per_layer >= top_k
+        feasible = (
+            per_layer <= n_group * group_limit and num_experts - per_layer >= top_k
+        )
         if feasible:
-            budget = plan_budget(sparsity, num_experts, top_k, n_group, topk_group, drop=False)
+            budget = plan_budget(
+                sparsity, num_experts, top_k, n_group, topk_group, drop=False
+            )
             assert budget == PruningBudget(
                 num_experts, per_layer, num_experts - top_k, group_size, group_limit
             )
         else:
             # ... and every other one raises
             with pytest.raises(ValueError, match="`sparsity`"):
-                plan_budget(sparsity, num_experts, top_k, n_group, topk_group, drop=False)
+                plan_budget(
+                    sparsity, num_experts, top_k, n_group, topk_group, drop=False
+                )
 
 
 def test_plan_budget_group_infeasible_novice():
@@ -234,7 +258,9 @@ def test_plan_budget_drop_requires_multiple_of_n_group(sparsity):
     with pytest.raises(ValueError, match="n_group"):
         plan_budget(sparsity, 16, 2, 4, 2, drop=True)
     # the novice modes keep the router and accept the same sparsity
-    assert plan_budget(sparsity, 16, 2, 4, 2, drop=False).per_layer == round(sparsity * 16)
+    assert plan_budget(sparsity, 16, 2, 4, 2, drop=False).per_layer == round(
+        sparsity * 16
+    )
 
 
 def test_plan_budget_drop_leaves_too_few_per_group():
@@ -257,7 +283,9 @@ def as_inputs(scores: dict, routed: dict | None = None):
 
 def test_layer_scope_picks_lowest_per_layer():
     gen = torch.Generator().manual_seed(0)
-    scores = {layer: torch.rand(16, generator=gen, dtype=torch.float64) for layer in (0, 1, 5)}
+    scores = {
+        layer: torch.rand(16, generator=gen, dtype=torch.float64) for layer in (0, 1, 5)
+    }
     routed = {layer: torch.ones(16, dtype=torch.bool) for layer in scores}
     budget = plan_budget(0.25, 16, 2, None, None, drop=False)
     chosen = select_novices(scores, routed, budget, model_wide=False)
@@ -271,7 +299,10 @@ def test_layer_scope_is_per_layer_not_global():
     # layer 0 scores are all below layer 1's; each layer still loses per_layer
     scores, routed = as_inputs({0: [0.1, 0.2, 0.3, 0.4], 1: [9.0, 8.0, 7.0, 6.0]})
     budget = PruningBudget(num_experts=4, per_layer=2, layer_limit=3)
-    assert select_novices(scores, routed, budget, model_wide=False) == {0: [0, 1], 1: [2, 3]}
+    assert select_novices(scores, routed, budget, model_wide=False) == {
+        0: [0, 1],
+        1: [2, 3],
+    }
 
 
 def test_never_routed_picked_first_even_with_higher_score():
@@ -292,7 +323,9 @@ def test_never_routed_picked_first_even_with_higher_score():
 
 
 def test_ties_broken_by_lower_expert_id():
-    scores, routed = as_inputs({0: [0.5] * 8, 1: [1.0, 0.2, 0.2, 0.2, 0.1, 0.2, 0.3, 0.2]})
+    scores, routed = as_inputs(
+        {0: [0.5] * 8, 1: [1.0, 0.2, 0.2, 0.2, 0.1, 0.2, 0.3, 0.2]}
+    )
     budget = PruningBudget(num_experts=8, per_layer=3, layer_limit=6)
     expected = {0: [0, 1, 2], 1: [1, 2, 4]}
     for _ in range(3):
@@ -371,7 +404,10 @@ def assert_within_limits(chosen, budget):
         assert len(ids) <= budget.layer_limit
         if budget.group_size is not None:
             per_group = Counter(e // budget.group_size for e in ids)
-            assert max(per_group.values(), default=0) <= budget.group_limit, (layer, ids)
+            assert max(per_group.values(), default=0) <= budget.group_limit, (
+                layer,
+                ids,
+            )
 
 
 def random_case(rng: random.Random, layers, num_experts):
@@ -405,7 +441,9 @@ GROUP_SETUPS = [
 @pytest.mark.parametrize("setup", GROUP_SETUPS)
 def test_group_limited_layer_scope_matches_brute_force(setup):
     num_experts, top_k, n_group, topk_group, per_layer, drop = setup
-    budget = plan_budget(per_layer / num_experts, num_experts, top_k, n_group, topk_group, drop)
+    budget = plan_budget(
+        per_layer / num_experts, num_experts, top_k, n_group, topk_group, drop
+    )
     assert budget.per_layer == per_layer
     rng = random.Random(hash(setup) & 0xFFFF)
     for _ in range(25):
@@ -414,7 +452,10 @@ def test_group_limited_layer_scope_matches_brute_force(setup):
         assert_within_limits(chosen, budget)
         for layer in (0, 1):
             assert len(chosen[layer]) == per_layer
-            assert chosen[layer] == brute_force(scores, routed, [layer], budget, per_layer)[layer]
+            assert (
+                chosen[layer]
+                == brute_force(scores, routed, [layer], budget, per_layer)[layer]
+            )
             assert (
                 chosen[layer]
                 == independent_greedy(scores, routed, [layer], budget, per_layer)[layer]
@@ -476,8 +517,12 @@ def test_model_scope_never_routed_first_across_layers():
     "num_experts, top_k, n_group, topk_group, per_layer",
     [(6, 2, None, None, 2), (6, 4, None, None, 2), (6, 2, 3, 2, 2), (8, 2, 4, 2, 2)],
 )
-def test_model_scope_matches_brute_force(num_experts, top_k, n_group, topk_group, per_layer):
-    budget = plan_budget(per_layer / num_experts, num_experts, top_k, n_group, topk_group, False)
+def test_model_scope_matches_brute_force(
+    num_experts, top_k, n_group, topk_group, per_layer
+):
+    budget = plan_budget(
+        per_layer / num_experts, num_experts, top_k, n_group, topk_group, False
+    )
     assert budget.per_layer == per_layer
     layers = [0, 3]
     rng = random.Random(num_experts * 100 + top_k * 10 + (n_group or 0))

@@ -42,13 +42,17 @@ def make_data(
     gen = torch.Generator().manual_seed(seed)
     allowed = torch.tensor([e for e in range(num_experts) if e not in unused])
     index = torch.stack(
-        [allowed[torch.randperm(len(allowed), generator=gen)[:top_k]] for _ in range(tokens)]
+        [
+            allowed[torch.randperm(len(allowed), generator=gen)[:top_k]]
+            for _ in range(tokens)
+        ]
     )
     weights = torch.rand(tokens, top_k, generator=gen, dtype=torch.float64) + 0.05
     offset = torch.randn(num_experts, hidden, generator=gen, dtype=torch.float64) * 3
     scale = torch.rand(num_experts, 1, generator=gen, dtype=torch.float64) * 2 + 0.1
     outputs = (
-        torch.randn(tokens, num_experts, hidden, generator=gen, dtype=torch.float64) * scale
+        torch.randn(tokens, num_experts, hidden, generator=gen, dtype=torch.float64)
+        * scale
         + offset
     )
     return dict(index=index, weights=weights, outputs=outputs, num_experts=num_experts)
@@ -59,7 +63,11 @@ def reference(data: dict, token_ids=None) -> dict:
     index, weights, outputs = data["index"], data["weights"], data["outputs"]
     if token_ids is not None:
         token_ids = torch.as_tensor(token_ids, dtype=torch.long)
-        index, weights, outputs = index[token_ids], weights[token_ids], outputs[token_ids]
+        index, weights, outputs = (
+            index[token_ids],
+            weights[token_ids],
+            outputs[token_ids],
+        )
     weights = weights.to(torch.float64)
     outputs = outputs.to(torch.float64)
     num_experts = data["num_experts"]
@@ -138,9 +146,7 @@ def assert_matches(stats: LayerStatistics, ref: dict, rtol=RTOL, atol=ATOL):
     torch.testing.assert_close(stats.output_std, ref["output_std"], **close)
     torch.testing.assert_close(stats.saliency, ref["saliency"], **close)
     torch.testing.assert_close(stats.weighted_mean, ref["weighted_mean"], **close)
-    torch.testing.assert_close(
-        stats.is_routed, ref["routed"] > 0, rtol=0, atol=0
-    )
+    torch.testing.assert_close(stats.is_routed, ref["routed"] > 0, rtol=0, atol=0)
 
 
 def assert_same_stats(a: LayerStatistics, b: LayerStatistics, rtol=RTOL, atol=ATOL):
@@ -192,15 +198,18 @@ def test_frequency_counts_weight_not_selection():
     stats = LayerStatistics.empty(5, 2)
     stats.add_routing(index, weights)
     w = weights.double()
-    expected = torch.stack(
-        [
-            w[0, 0] + w[1, 0] + w[3, 0],
-            w[0, 1] + w[2, 0],
-            w[1, 1] + w[2, 1],
-            w[3, 1],
-            torch.tensor(0.0, dtype=torch.float64),
-        ]
-    ) / 4
+    expected = (
+        torch.stack(
+            [
+                w[0, 0] + w[1, 0] + w[3, 0],
+                w[0, 1] + w[2, 0],
+                w[1, 1] + w[2, 1],
+                w[3, 1],
+                torch.tensor(0.0, dtype=torch.float64),
+            ]
+        )
+        / 4
+    )
     torch.testing.assert_close(stats.frequency, expected, rtol=1e-12, atol=0)
     assert stats.tokens.item() == 4
 
@@ -304,7 +313,9 @@ def test_merge_does_not_modify_other():
 
 
 def test_expert_never_routed_is_zero_not_nan():
-    data = make_data(tokens=60, num_experts=8, top_k=2, hidden=5, seed=51, unused=(2, 7))
+    data = make_data(
+        tokens=60, num_experts=8, top_k=2, hidden=5, seed=51, unused=(2, 7)
+    )
     gen = torch.Generator().manual_seed(52)
     stats = collect(data, random_batches(range(60), gen, max_batch=13))
     assert_matches(stats, reference(data))
@@ -317,7 +328,14 @@ def test_expert_never_routed_is_zero_not_nan():
         assert torch.equal(stats.mean[e], torch.zeros(5, dtype=torch.float64))
         assert torch.equal(stats.variance[e], torch.zeros(5, dtype=torch.float64))
         assert torch.equal(stats.weighted_mean[e], torch.zeros(5, dtype=torch.float64))
-    for name in ("frequency", "variance", "output_std", "saliency", "weighted_mean", "mean"):
+    for name in (
+        "frequency",
+        "variance",
+        "output_std",
+        "saliency",
+        "weighted_mean",
+        "mean",
+    ):
         assert torch.isfinite(getattr(stats, name)).all(), name
     assert stats.is_routed.sum() == 6
 

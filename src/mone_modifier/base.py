@@ -11,16 +11,15 @@ from typing import Any, Literal, Optional
 import torch
 from compressed_tensors.distributed import is_distributed, is_source_process
 from compressed_tensors.offload import get_execution_device
-from loguru import logger
-from pydantic import Field, PrivateAttr, field_validator, model_validator
-from torch import distributed as dist
-
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.pruning.reap.utils import (
     prune_moe_layer,
     update_model_config,
 )
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+from torch import distributed as dist
 
 from mone_modifier import sequential_tracing
 from mone_modifier.calibration import ExpertRouting, routed_rows, split_routing
@@ -214,7 +213,8 @@ class MoNEPruningModifier(Modifier):
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self._decide(
-            state.model, [layer for layer in self._moe.layers if layer.name in self._stats]
+            state.model,
+            [layer for layer in self._moe.layers if layer.name in self._stats],
         )
         self.remove_hooks()
 
@@ -281,7 +281,13 @@ class MoNEPruningModifier(Modifier):
             model_wide=self.scope == "model",
         )
         for layer in layers:
-            decision = self._apply(model, layer, stats[layer.index], scores[layer.index], novices[layer.index])
+            decision = self._apply(
+                model,
+                layer,
+                stats[layer.index],
+                scores[layer.index],
+                novices[layer.index],
+            )
             self._decisions.append(decision)
 
     def _apply(
@@ -293,25 +299,26 @@ class MoNEPruningModifier(Modifier):
         novices: list[int],
     ) -> LayerDecision:
         num_experts = self._moe.attrs.num_experts
-        retained = [i for i in range(num_experts) if i not in set(novices)]
+        retained = sorted(set(range(num_experts)) - set(novices))
         never_routed = [i for i in range(num_experts) if not stats.is_routed[i]]
         if self.novice == "drop":
             prune_moe_layer(model, layer.name, retained, self._moe.attrs)
+            outcome = "dropped"
         else:
             replace_with_novices(
                 self._moe.experts(model, layer),
                 novice_values(stats, novices, self.novice),
             )
             record_novices(model.config, layer.index, novices)
-        logger.info(
-            f"MoNE layer {layer.index}: experts {novices} -> "
-            f"{'dropped' if self.novice == 'drop' else self.novice + ' novices'}"
-        )
+            outcome = f"{self.novice} novices"
+        logger.info(f"MoNE layer {layer.index}: experts {novices} -> {outcome}")
         if never_routed:
+            unmeasured = sorted(set(never_routed) & set(novices))
             logger.warning(
                 f"MoNE layer {layer.index}: experts {never_routed} received no "
-                f"calibration token; they are pruned first with zero novices. "
-                f"More or more varied calibration data would measure them."
+                f"calibration token; {unmeasured} replaced first"
+                f"{'' if self.novice == 'drop' else ' by zero novices'}. More or "
+                f"more varied calibration data would measure them."
             )
         return LayerDecision(
             name=layer.name,

@@ -13,10 +13,9 @@ from pathlib import Path
 
 from datasets import Dataset
 from llmcompressor import oneshot
+from llmcompressor.core import active_session
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-from llmcompressor.core import active_session
 
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.report import write_report
@@ -69,21 +68,33 @@ def summary(report: dict) -> str:
         f"{'layer':>5}  {'tokens':>6}  novices",
     ]
     for layer in report["layers"]:
-        never = f"  (never routed: {layer['never_routed']})" if layer["never_routed"] else ""
-        lines.append(f"{layer['index']:>5}  {layer['tokens']:>6}  {layer['novices']}{never}")
+        never = (
+            f"  (never routed: {layer['never_routed']})"
+            if layer["never_routed"]
+            else ""
+        )
+        lines.append(
+            f"{layer['index']:>5}  {layer['tokens']:>6}  {layer['novices']}{never}"
+        )
     totals = report["totals"]
-    lines.append(f"total: {totals['novices']} novices, {totals['retained']} experts kept")
+    lines.append(
+        f"total: {totals['novices']} novices, {totals['retained']} experts kept"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="recipes/mone_25.yaml")
-    parser.add_argument("--work-dir", default=None, help="where the model and report go")
+    parser.add_argument(
+        "--work-dir", default=None, help="where the model and report go"
+    )
     parser.add_argument("--num-samples", type=int, default=32)
     args = parser.parse_args(argv)
     if not Path(args.recipe).is_file():
-        parser.error(f"--recipe {args.recipe!r} is not a file; run from the repository root")
+        parser.error(
+            f"--recipe {args.recipe!r} is not a file; run from the repository root"
+        )
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="mone-demo-"))
     texts = stdlib_text()
@@ -108,9 +119,12 @@ def main(argv: list[str] | None = None):
     report = modifier.report()
     write_report(work / "report.json", report)
     print(summary(report))
-    print(f"parameters: {params_before:,} -> {sum(p.numel() for p in model.parameters()):,}")
-    print(f"report: {work / 'report.json'} and report.png; model config records "
-          f"approximate_experts = {model.config.approximate_experts}")
+    params_after = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {params_before:,} -> {params_after:,}")
+    print(
+        f"report: {work / 'report.json'} and report.png; model config records "
+        f"approximate_experts = {model.config.approximate_experts}"
+    )
 
 
 if __name__ == "__main__":

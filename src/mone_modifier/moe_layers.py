@@ -61,7 +61,9 @@ def find_moe_layers(model: torch.nn.Module, ignore: list[str]) -> MoEModel:
     blocks = [
         name
         for name, module in model.named_modules()
-        if any(isinstance(getattr(module, e, None), LinearExperts2D) for e in EXPERTS_ATTRS)
+        if any(
+            isinstance(getattr(module, e, None), LinearExperts2D) for e in EXPERTS_ATTRS
+        )
         and any(hasattr(module, r) for r in ROUTER_ATTRS)
     ]
     if not blocks:
@@ -80,7 +82,9 @@ def find_moe_layers(model: torch.nn.Module, ignore: list[str]) -> MoEModel:
             f"...): nothing would be pruned. Narrow the `ignore` patterns."
         )
     attrs = get_moe_attrs(model, ignore)
-    return MoEModel(attrs, [MoELayer(name, _layer_index(name)) for name in attrs.moe_layer_names])
+    return MoEModel(
+        attrs, [MoELayer(name, _layer_index(name)) for name in attrs.moe_layer_names]
+    )
 
 
 def _layer_index(name: str) -> int:

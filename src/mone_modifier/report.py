@@ -84,7 +84,11 @@ def _heatmap_png(report: dict) -> bytes:
     fig.colorbar(image, ax=ax, label=f"{settings['scoring']} score")
     for row, decision in enumerate(decisions):
         ax.scatter(
-            decision["novices"], [row] * len(decision["novices"]), marker="x", c="red", s=20
+            decision["novices"],
+            [row] * len(decision["novices"]),
+            marker="x",
+            c="red",
+            s=20,
         )
     ax.set_yticks(range(num_layers), [str(d["index"]) for d in decisions])
     ax.set_xlabel("expert")

@@ -107,7 +107,10 @@ class LayerStatistics:
     def merge(self, other: "LayerStatistics"):
         """Fold the statistics of a disjoint set of tokens into these."""
         other = LayerStatistics(
-            **{f.name: getattr(other, f.name).to(self.mean.device) for f in fields(self)}
+            **{
+                f.name: getattr(other, f.name).to(self.mean.device)
+                for f in fields(self)
+            }
         )
         self.mean, self.m2 = _chan_merge(
             self.routed, self.mean, self.m2, other.routed, other.mean, other.m2

@@ -41,7 +41,10 @@ _COMMON = dict(
 _FAMILY = {
     "olmoe": dict(num_experts=NUM_EXPERTS),
     "qwen3_moe": dict(
-        num_experts=NUM_EXPERTS, moe_intermediate_size=32, head_dim=16, norm_topk_prob=True
+        num_experts=NUM_EXPERTS,
+        moe_intermediate_size=32,
+        head_dim=16,
+        norm_topk_prob=True,
     ),
     "qwen2_moe": dict(
         num_experts=NUM_EXPERTS,
