@@ -46,7 +46,9 @@ def raw_layer(tokens=120, num_experts=8, top_k=2, hidden=5, seed=0, unused=()):
         stats.add_routing(idx, w)
         for e in range(num_experts):
             rows, slot = (idx == e).nonzero(as_tuple=True)
-            stats.add_expert_outputs(e, outputs[e, lo + rows], w[rows, slot])
+            stats.add_routed_outputs(
+                torch.full((len(rows),), e), outputs[e, lo + rows], w[rows, slot]
+            )
 
     freq = torch.zeros(num_experts, dtype=torch.float64)
     std = torch.zeros(num_experts, dtype=torch.float64)

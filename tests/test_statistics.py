@@ -2,8 +2,8 @@
 LayerStatistics against a direct float64 computation over the whole data.
 
 The statistics are fed the way the calibration hooks feed them: once per batch
-``add_routing(top_k_index, top_k_weights)``, then for every expert its outputs
-on the batch tokens routed to it with their routing weights. The reference
+``add_routing(top_k_index, top_k_weights)``, then one ``add_routed_outputs``
+call with every (token, expert) pair's output and routing weight. The reference
 values are computed in one pass over the concatenated data in float64 with
 plain torch reductions (``torch.var(unbiased=False)`` and friends), never
 through the code under test.
@@ -103,7 +103,7 @@ def reference(data: dict, token_ids=None) -> dict:
 
 
 def feed(stats: LayerStatistics, data: dict, token_ids, dtype=None) -> LayerStatistics:
-    """One batch: routing first, then every expert's routed outputs."""
+    """One batch: routing first, then all experts' routed outputs at once."""
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     index = data["index"][ids]
     weights = data["weights"][ids]
@@ -111,9 +111,13 @@ def feed(stats: LayerStatistics, data: dict, token_ids, dtype=None) -> LayerStat
     if dtype is not None:
         weights, outputs = weights.to(dtype), outputs.to(dtype)
     stats.add_routing(index, weights)
-    for e in range(stats.num_experts):
-        rows, slot = (index == e).nonzero(as_tuple=True)
-        stats.add_expert_outputs(e, outputs[rows, e], weights[rows, slot])
+    # every (token, slot) pair of the batch in one call, experts interleaved
+    rows, slot = torch.meshgrid(
+        torch.arange(index.shape[0]), torch.arange(index.shape[1]), indexing="ij"
+    )
+    rows, slot = rows.reshape(-1), slot.reshape(-1)
+    experts = index[rows, slot]
+    stats.add_routed_outputs(experts, outputs[rows, experts], weights[rows, slot])
     return stats
 
 
@@ -352,7 +356,9 @@ def test_empty_expert_batch_is_ignored():
     data = make_data(tokens=20, num_experts=4, top_k=2, hidden=3, seed=61)
     stats = collect(data, [list(range(20))])
     before = {f.name: getattr(stats, f.name).clone() for f in fields(LayerStatistics)}
-    stats.add_expert_outputs(1, torch.zeros(0, 3), torch.zeros(0))
+    stats.add_routed_outputs(
+        torch.zeros(0, dtype=torch.long), torch.zeros(0, 3), torch.zeros(0)
+    )
     for name, value in before.items():
         assert torch.equal(getattr(stats, name), value), name
 

@@ -22,7 +22,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import distributed as dist
 
 from mone_modifier import sequential_tracing
-from mone_modifier.calibration import ExpertRouting, routed_rows, split_routing
+from mone_modifier.calibration import RoutedBatch
 from mone_modifier.metadata import record_novices
 from mone_modifier.moe_layers import MoELayer, MoEModel, find_moe_layers
 from mone_modifier.novice import (
@@ -94,7 +94,7 @@ class MoNEPruningModifier(Modifier):
     _moe: MoEModel | None = PrivateAttr(default=None)
     _budget: PruningBudget | None = PrivateAttr(default=None)
     _stats: dict[str, LayerStatistics] = PrivateAttr(default_factory=dict)
-    _routing: dict[str, ExpertRouting] = PrivateAttr(default_factory=dict)
+    _batches: dict[str, RoutedBatch] = PrivateAttr(default_factory=dict)
     _layer_hooks: dict[str, set] = PrivateAttr(default_factory=dict)
     _decisions: list[LayerDecision] = PrivateAttr(default_factory=list)
     _cpu_pg: Any = PrivateAttr(default=None)
@@ -185,10 +185,11 @@ class MoNEPruningModifier(Modifier):
             )
             handles = {
                 self.register_hook(
-                    experts,
-                    partial(self._routing_hook, layer.name),
-                    "forward_pre",
-                )
+                    experts, partial(self._open_batch, layer.name), "forward_pre"
+                ),
+                self.register_hook(
+                    experts, partial(self._close_batch, layer.name), "forward"
+                ),
             }
             for expert_id in range(self._moe.attrs.num_experts):
                 handles.add(
@@ -236,10 +237,10 @@ class MoNEPruningModifier(Modifier):
 
     # -- calibration hooks -----------------------------------------------------
 
-    def _routing_hook(self, layer_name: str, module: torch.nn.Module, args: tuple):
+    def _open_batch(self, layer_name: str, module: torch.nn.Module, args: tuple):
         _, top_k_index, top_k_weights = args[:3]
         self._stats[layer_name].add_routing(top_k_index, top_k_weights)
-        self._routing[layer_name] = split_routing(
+        self._batches[layer_name] = RoutedBatch.from_routing(
             top_k_index, top_k_weights, self._moe.attrs.num_experts
         )
 
@@ -251,11 +252,13 @@ class MoNEPruningModifier(Modifier):
         args: tuple,
         output: torch.Tensor,
     ):
-        routing = self._routing[layer_name]
-        self._stats[layer_name].add_expert_outputs(
-            expert_id,
-            routed_rows(output, routing, expert_id),
-            routing.weights[expert_id],
+        self._batches[layer_name].record(expert_id, output)
+
+    def _close_batch(
+        self, layer_name: str, module: torch.nn.Module, args: tuple, output: Any
+    ):
+        self._stats[layer_name].add_routed_outputs(
+            *self._batches.pop(layer_name).flatten()
         )
 
     # -- decisions -------------------------------------------------------------
@@ -269,7 +272,6 @@ class MoNEPruningModifier(Modifier):
         }
         for layer in layers:
             self.remove_hooks(self._layer_hooks.pop(layer.name))
-            self._routing.pop(layer.name, None)
         scores = {
             index: expert_scores(s, self.scoring, self.seed, index)
             for index, s in stats.items()

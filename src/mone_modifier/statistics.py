@@ -75,33 +75,33 @@ class LayerStatistics:
         )
 
     @torch.no_grad()
-    def add_expert_outputs(
-        self, expert: int, outputs: torch.Tensor, weights: torch.Tensor
+    def add_routed_outputs(
+        self, expert_ids: torch.Tensor, outputs: torch.Tensor, weights: torch.Tensor
     ):
         """
-        Merge one batch of an expert's outputs on the tokens routed to it.
+        Merge one batch of experts' outputs on their routed tokens, all experts
+        at once.
 
-        :param expert: expert id
-        :param outputs: ``[n, H]`` outputs ``f_i(x)`` on its routed tokens
-        :param weights: ``[n]`` routing weights ``g_i(x)`` of the same tokens
+        :param expert_ids: ``[R]`` the expert of each (token, expert) pair
+        :param outputs: ``[R, H]`` that expert's output ``f_i(x)`` on the token
+        :param weights: ``[R]`` the routing weight ``g_i(x)`` of the pair
         """
-        if outputs.shape[0] == 0:
-            return
+        ids = expert_ids.to(self.mean.device, torch.long)
         x = outputs.to(self.mean.device, torch.float64)
         g = weights.to(self.mean.device, torch.float64)
-        batch_mean = x.mean(dim=0)
-        self.mean[expert], self.m2[expert] = _chan_merge(
-            self.routed[expert],
-            self.mean[expert],
-            self.m2[expert],
-            torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
-            batch_mean,
-            (x - batch_mean).square().sum(dim=0),
+        batch_n = torch.zeros_like(self.routed).index_add_(0, ids, torch.ones_like(g))
+        batch_mean = torch.zeros_like(self.mean).index_add_(0, ids, x)
+        batch_mean /= batch_n.clamp(min=1).unsqueeze(1)
+        batch_m2 = torch.zeros_like(self.m2).index_add_(
+            0, ids, (x - batch_mean[ids]).square()
         )
-        self.routed[expert] += x.shape[0]
-        self.weight_sq_sum[expert] += g.square().sum()
-        self.weighted_output_sum[expert] += g.square() @ x
-        self.saliency_sum[expert] += (g * x.norm(dim=1)).sum()
+        self.mean, self.m2 = _chan_merge(
+            self.routed, self.mean, self.m2, batch_n, batch_mean, batch_m2
+        )
+        self.routed += batch_n
+        self.weight_sq_sum.index_add_(0, ids, g.square())
+        self.weighted_output_sum.index_add_(0, ids, g.square().unsqueeze(1) * x)
+        self.saliency_sum.index_add_(0, ids, g * x.norm(dim=1))
 
     @torch.no_grad()
     def merge(self, other: "LayerStatistics"):
