@@ -18,6 +18,7 @@ from mone_modifier.scoring import (
     select_novices,
 )
 from mone_modifier.statistics import LayerStatistics
+from synthetic import feed, make_data
 
 # -- expert_scores ------------------------------------------------------------------
 
@@ -25,30 +26,11 @@ from mone_modifier.statistics import LayerStatistics
 def raw_layer(tokens=120, num_experts=8, top_k=2, hidden=5, seed=0, unused=()):
     """Random routing and outputs, the LayerStatistics fed from them, and
     the direct float64 frequency / std / saliency per expert."""
-    gen = torch.Generator().manual_seed(seed)
-    allowed = torch.tensor([e for e in range(num_experts) if e not in unused])
-    index = torch.stack(
-        [
-            allowed[torch.randperm(len(allowed), generator=gen)[:top_k]]
-            for _ in range(tokens)
-        ]
-    )
-    weights = torch.rand(tokens, top_k, generator=gen, dtype=torch.float64) + 0.05
-    scale = torch.rand(num_experts, 1, 1, generator=gen, dtype=torch.float64) * 3 + 0.1
-    outputs = torch.randn(
-        num_experts, tokens, hidden, generator=gen, dtype=torch.float64
-    )
-    outputs = outputs * scale + 1.5
-
+    data = make_data(tokens, num_experts, top_k, hidden, seed, unused)
+    index, weights = data["index"], data["weights"]
     stats = LayerStatistics.empty(num_experts, hidden)
     for lo in range(0, tokens, 37):
-        idx, w = index[lo : lo + 37], weights[lo : lo + 37]
-        stats.add_routing(idx, w)
-        for e in range(num_experts):
-            rows, slot = (idx == e).nonzero(as_tuple=True)
-            stats.add_routed_outputs(
-                torch.full((len(rows),), e), outputs[e, lo + rows], w[rows, slot]
-            )
+        feed(stats, data, range(lo, min(lo + 37, tokens)))
 
     freq = torch.zeros(num_experts, dtype=torch.float64)
     std = torch.zeros(num_experts, dtype=torch.float64)
@@ -59,7 +41,7 @@ def raw_layer(tokens=120, num_experts=8, top_k=2, hidden=5, seed=0, unused=()):
         freq[e] = g.sum() / tokens
         if len(rows) == 0:
             continue
-        f = outputs[e, rows]
+        f = data["outputs"][rows, e]
         std[e] = torch.var(f, dim=0, unbiased=False).sqrt().square().sum().sqrt()
         saliency[e] = (g * f.square().sum(1).sqrt()).mean()
     return stats, dict(frequency=freq, output_std=std, saliency=saliency)
