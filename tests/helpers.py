@@ -1,5 +1,6 @@
 """Running oneshot on the tiny models the way a user would."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -42,3 +43,13 @@ def novice_vectors(model, layer_index: int) -> dict[int, torch.Tensor]:
         for name, buffer in experts.named_buffers()
         if name.endswith("approx_value")
     }
+
+
+def tree_digest(path: Path) -> str:
+    """One hash of every file's name and bytes under ``path``."""
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        if file.is_file():
+            digest.update(str(file.relative_to(path)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()

@@ -3,26 +3,14 @@ Every bad input fails with an error naming the parameter and the fix, before
 any calibration work, and leaves the user's files untouched.
 """
 
-import hashlib
-from pathlib import Path
-
 import pytest
 from llmcompressor import oneshot
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import mone_modifier  # noqa: F401
-from helpers import run_oneshot
+from helpers import run_oneshot, tree_digest
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.tiny_moe import tiny_tokenizer
-
-
-def tree_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(path.rglob("*")):
-        if file.is_file():
-            digest.update(str(file.relative_to(path)).encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from torch import distributed as dist
 
 from mone_modifier import sequential_tracing
 from mone_modifier.calibration import RoutedBatch
+from mone_modifier.checkpoint import install_checkpoint_writer
 from mone_modifier.metadata import record_novices
 from mone_modifier.moe_layers import MoELayer, MoEModel, find_moe_layers
 from mone_modifier.novice import (
@@ -221,12 +222,11 @@ class MoNEPruningModifier(Modifier):
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         sequential_tracing.uninstall()
+        dropped_to = None
         if self.novice == "drop":
-            update_model_config(
-                state.model,
-                self._moe.attrs,
-                self._moe.attrs.num_experts - self._budget.per_layer,
-            )
+            dropped_to = self._moe.attrs.num_experts - self._budget.per_layer
+            update_model_config(state.model, self._moe.attrs, dropped_to)
+        install_checkpoint_writer(state.model, dropped_to)
         if self.report_path is not None and is_source_process():
             write_report(self.report_path, self.report())
             logger.info(f"MoNE report written to {self.report_path}")

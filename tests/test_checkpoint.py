@@ -1,0 +1,178 @@
+"""Saving pruned models: layout, metadata, size, drop exports, safety."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from llmcompressor.modeling.moe.linearize import linearize_moe
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from helpers import novice_vectors, run_oneshot, tree_digest
+from mone_modifier import MoNEPruningModifier
+from mone_modifier.tiny_moe import NUM_EXPERTS
+
+SAVE_FAMILIES = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
+
+
+def tensors(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in directory.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            out.update({key: f.get_tensor(key) for key in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("family", SAVE_FAMILIES)
+def test_novice_checkpoint_layout(family, tiny_moe, samples, tmp_path):
+    out = tmp_path / "out"
+    model = run_oneshot(
+        tiny_moe(family),
+        samples,
+        MoNEPruningModifier(sparsity=0.25),
+        output_dir=str(out),
+    )
+    novices = model.config.approximate_experts
+    config = json.loads((out / "config.json").read_text())
+    assert config["approximate_experts"] == novices
+    assert any(
+        config.get(key) == NUM_EXPERTS
+        for key in ("num_experts", "num_local_experts", "n_routed_experts")
+    )
+
+    saved = tensors(out)
+    for index, ids in novices.items():
+        # Mixtral's checkpoint names its block block_sparse_moe, others mlp
+        (prefix,) = {
+            re.match(rf"(model\.layers\.{index}\.\w+)\.experts\.", key).group(1)
+            for key in saved
+            if re.match(rf"model\.layers\.{index}\.\w+\.experts\.", key)
+        }
+        for expert in range(NUM_EXPERTS):
+            names = {k for k in saved if k.startswith(f"{prefix}.experts.{expert}.")}
+            if expert in ids:
+                assert names == {f"{prefix}.experts.{expert}.approx_value"}
+                torch.testing.assert_close(
+                    saved[f"{prefix}.experts.{expert}.approx_value"],
+                    novice_vectors(model, int(index))[expert],
+                    rtol=0,
+                    atol=0,
+                )
+            else:
+                projections = {name.split(".")[-2] for name in names}
+                assert projections == {"gate_proj", "up_proj", "down_proj"}
+        (router,) = [
+            v
+            for k, v in saved.items()
+            if k in (f"{prefix}.gate.weight", f"{prefix}.router.weight")
+        ]
+        assert router.shape[0] == NUM_EXPERTS
+
+
+def test_recipe_reloads_in_a_fresh_process(tiny_moe, samples, tmp_path):
+    out = tmp_path / "out"
+    run_oneshot(
+        tiny_moe("olmoe"),
+        samples,
+        MoNEPruningModifier(sparsity=0.25, scoring="reap"),
+        output_dir=str(out),
+    )
+    code = (
+        "import mone_modifier; from llmcompressor.recipe import Recipe; "
+        f"(m,) = Recipe.create_instance({str(out / 'recipe.yaml')!r}).modifiers; "
+        "print(type(m).__name__, m.sparsity, m.scoring)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.splitlines()[-1].split() == [
+        "MoNEPruningModifier",
+        "0.25",
+        "reap",
+    ]
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5])
+def test_checkpoint_smaller_by_pruned_experts(sparsity, tiny_moe, samples, tmp_path):
+    path = tiny_moe("qwen3_moe")
+    unpruned = AutoModelForCausalLM.from_pretrained(path)
+    linearize_moe(unpruned)
+    unpruned.save_pretrained(tmp_path / "unpruned")
+    expert_bytes = sum(
+        p.numel() * p.element_size()
+        for p in unpruned.model.layers[0].mlp.experts[0].parameters()
+    )
+    hidden = unpruned.config.hidden_size
+
+    run_oneshot(
+        path,
+        samples,
+        MoNEPruningModifier(sparsity=sparsity),
+        output_dir=str(tmp_path / "pruned"),
+    )
+    size = {
+        d: (tmp_path / d / "model.safetensors").stat().st_size
+        for d in ("unpruned", "pruned")
+    }
+    replaced = round(sparsity * NUM_EXPERTS) * unpruned.config.num_hidden_layers
+    expected_saving = replaced * (expert_bytes - hidden * 4)
+    # safetensors headers differ by a few hundred bytes of tensor names
+    assert abs((size["unpruned"] - size["pruned"]) - expected_saving) < 4096
+    assert (
+        size["pruned"] / size["unpruned"] < 1 - 0.9 * expected_saving / size["unpruned"]
+    )
+
+
+@pytest.mark.parametrize("family", SAVE_FAMILIES + ["gpt_oss"])
+def test_drop_export_loads_in_plain_transformers(family, tiny_moe, samples, tmp_path):
+    model = run_oneshot(
+        tiny_moe(family), samples, MoNEPruningModifier(sparsity=0.25, novice="drop")
+    )
+    with torch.no_grad():
+        expected = model(input_ids=samples).logits
+    model.save_pretrained(tmp_path / "out")
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        logits = reloaded(input_ids=samples).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert reloaded.model.layers[-1].mlp.experts.num_experts == NUM_EXPERTS - 2
+
+
+def test_interrupted_save_leaves_no_checkpoint(
+    tiny_moe, samples, tmp_path, monkeypatch
+):
+    model = run_oneshot(tiny_moe("olmoe"), samples, MoNEPruningModifier(sparsity=0.25))
+    model.save_pretrained(tmp_path / "old")
+    before = tree_digest(tmp_path / "old")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(
+        "llmcompressor.transformers.compression.compressed_tensors_utils.resave_config",
+        crash,
+    )
+    for target in (tmp_path / "new", tmp_path / "old"):
+        with pytest.raises(OSError, match="disk full"):
+            model.save_pretrained(target)
+    assert not (tmp_path / "new").exists()
+    assert tree_digest(tmp_path / "old") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_refuses_to_save_over_its_source(tiny_moe, samples, tmp_path):
+    source = tmp_path / "source"
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe("olmoe"))
+    model.save_pretrained(source)
+    from mone_modifier.tiny_moe import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(source)
+    before = tree_digest(source)
+    pruned = run_oneshot(source, samples, MoNEPruningModifier(sparsity=0.25))
+    with pytest.raises(ValueError, match="over the checkpoint it was loaded from"):
+        pruned.save_pretrained(source)
+    assert tree_digest(source) == before
