@@ -22,25 +22,17 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 
 import torch
-from llmcompressor.modeling.moe.gpt_oss import GptOssExpertMLP
 from llmcompressor.modeling.moe.linearize import repack_moe
 from loguru import logger
 
+from mone_modifier.expert_packing import EXPERT_COUNT_KEYS, gpt_oss_repack_fix
 from mone_modifier.metadata import NOVICES_CONFIG_KEY, recorded_novices
 
 __all__ = ["install_checkpoint_writer"]
-
-EXPERT_COUNT_KEYS = (
-    "num_experts",
-    "num_local_experts",
-    "moe_num_experts",
-    "n_routed_experts",
-)
 
 
 def install_checkpoint_writer(model: torch.nn.Module, dropped_to: int | None):
@@ -65,7 +57,7 @@ def install_checkpoint_writer(model: torch.nn.Module, dropped_to: int | None):
                 save(staging, *args, **kwargs)
                 _edit_config(staging, _add_novices(recorded_novices(model.config)))
             else:
-                with _gpt_oss_repack_fix():
+                with gpt_oss_repack_fix():
                     repack_moe(model)
                 save(staging, *args, **kwargs)
                 _edit_config(staging, _set_expert_count(dropped_to))
@@ -122,29 +114,3 @@ def _publish(staging: Path, target: Path):
         if destination.is_dir() and not file.is_dir():
             shutil.rmtree(destination)
         os.replace(file, destination)
-
-
-@contextmanager
-def _gpt_oss_repack_fix():
-    """llm-compressor 0.14 repacks GPT-OSS experts into halves of
-    ``gate_up_proj`` although the model interleaves gate and up columns (its
-    own ``copy_from_experts_module`` reads them interleaved)."""
-    original = GptOssExpertMLP.__dict__.get("copy_to_experts_module")
-    GptOssExpertMLP.copy_to_experts_module = _gpt_oss_copy_to_experts_module
-    try:
-        yield
-    finally:
-        if original is None:
-            del GptOssExpertMLP.copy_to_experts_module
-        else:
-            GptOssExpertMLP.copy_to_experts_module = original
-
-
-@torch.no_grad()
-def _gpt_oss_copy_to_experts_module(self, experts, index: int):
-    experts.gate_up_proj[index, :, 0::2].copy_(self.gate_proj.weight.T)
-    experts.gate_up_proj[index, :, 1::2].copy_(self.up_proj.weight.T)
-    experts.down_proj[index].copy_(self.down_proj.weight.T)
-    experts.gate_up_proj_bias[index, 0::2].copy_(self.gate_proj.bias)
-    experts.gate_up_proj_bias[index, 1::2].copy_(self.up_proj.bias)
-    experts.down_proj_bias[index].copy_(self.down_proj.bias)
