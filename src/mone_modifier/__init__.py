@@ -8,7 +8,8 @@ Importing this package registers ``MoNEPruningModifier`` with llm-compressor's
 from llmcompressor.modifiers.factory import ModifierFactory
 
 from mone_modifier.base import MoNEPruningModifier
+from mone_modifier.loading import from_pretrained
 
-__all__ = ["MoNEPruningModifier"]
+__all__ = ["MoNEPruningModifier", "from_pretrained"]
 
 ModifierFactory.register("MoNEPruningModifier", MoNEPruningModifier)
