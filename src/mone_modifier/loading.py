@@ -205,7 +205,8 @@ def _load_layer(
     hidden_size = config.hidden_size
     for expert in set(per_expert) - set(range(num_experts)):
         raise ValueError(
-            f"layer {layer}: tensors for expert {expert} >= E={num_experts}"
+            f"layer {layer}: the checkpoint has tensors of expert {expert}, but "
+            f"the router has {num_experts} experts (ids 0 to {num_experts - 1})"
         )
     novices = {}
     for expert in novice_ids:

@@ -1,0 +1,161 @@
+"""mone_modifier.from_pretrained: exact reloads, compact experts, bad metadata."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mone_modifier
+from helpers import run_oneshot
+from mone_modifier import MoNEPruningModifier
+from mone_modifier.loading import NoviceMoEExperts
+from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS
+
+RECIPE_SPARSITY = {"mone_25": 0.25, "mone_50": 0.5}
+
+
+def pruned_and_saved(family, sparsity, tiny_moe, samples, out):
+    model = run_oneshot(
+        tiny_moe(family), samples, MoNEPruningModifier(sparsity=sparsity)
+    )
+    with torch.no_grad():
+        logits = model(input_ids=samples).logits
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(out)
+    return model, logits, params
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sparsity", [0.25, 0.5])
+def test_reload_equals_in_memory_model(family, sparsity, tiny_moe, samples, tmp_path):
+    model, logits, params = pruned_and_saved(
+        family, sparsity, tiny_moe, samples, tmp_path / "out"
+    )
+    loaded = mone_modifier.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        reloaded = loaded(input_ids=samples).logits
+    torch.testing.assert_close(reloaded, logits, rtol=0, atol=1e-5)
+
+    # the pruned experts were never built: the same parameter count as the
+    # in-memory pruned model, and each layer's fused module holds E - P experts
+    assert sum(p.numel() for p in loaded.parameters()) == params
+    kept = NUM_EXPERTS - round(sparsity * NUM_EXPERTS)
+    for index, ids in model.config.approximate_experts.items():
+        experts = loaded.model.layers[int(index)].mlp.experts
+        assert isinstance(experts, NoviceMoEExperts)
+        assert experts.retained.gate_up_proj.shape[0] == kept
+        assert experts.is_retained.nonzero().squeeze(1).tolist() == sorted(
+            set(range(NUM_EXPERTS)) - set(ids)
+        )
+
+
+def test_checkpoint_without_novices_loads_plainly(tiny_moe, samples, tmp_path):
+    model = run_oneshot(
+        tiny_moe("olmoe"), samples, MoNEPruningModifier(sparsity=0.25, novice="drop")
+    )
+    with torch.no_grad():
+        expected = model(input_ids=samples).logits
+    model.save_pretrained(tmp_path / "out")
+    loaded = mone_modifier.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(
+        loaded(input_ids=samples).logits, expected, rtol=0, atol=1e-5
+    )
+
+
+def test_authors_init_tokens_entry_is_ignored_with_a_log_line(
+    tiny_moe, samples, tmp_path, log_lines
+):
+    _, logits, _ = pruned_and_saved(
+        "qwen2_moe", 0.25, tiny_moe, samples, tmp_path / "out"
+    )
+    config_path = tmp_path / "out" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["approximate_expert_init_tokens"] = {"0": [1, 2, 3]}
+    config_path.write_text(json.dumps(config))
+    loaded = mone_modifier.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(
+        loaded(input_ids=samples).logits, logits, rtol=0, atol=1e-5
+    )
+    assert any("ignoring approximate_expert_init_tokens" in line for line in log_lines)
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory, tiny_moe, samples):
+    out = tmp_path_factory.mktemp("ckpt") / "out"
+    model = run_oneshot(
+        tiny_moe("qwen3_moe"), samples, MoNEPruningModifier(sparsity=0.25)
+    )
+    model.save_pretrained(out)
+    return out, {int(k): v for k, v in model.config.approximate_experts.items()}
+
+
+def corrupt(saved_checkpoint, tmp_path, edit_config=None, edit_tensors=None):
+    source, novices = saved_checkpoint
+    out = tmp_path / "corrupt"
+    out.mkdir()
+    for file in source.iterdir():
+        (out / file.name).write_bytes(file.read_bytes())
+    if edit_config:
+        config = json.loads((out / "config.json").read_text())
+        edit_config(config, novices)
+        (out / "config.json").write_text(json.dumps(config))
+    if edit_tensors:
+        tensors = load_file(out / "model.safetensors")
+        edit_tensors(tensors, novices)
+        save_file(tensors, out / "model.safetensors")
+    return out
+
+
+def novice_key(layer, expert):
+    return f"model.layers.{layer}.mlp.experts.{expert}.approx_value"
+
+
+def set_novices(layer, ids):
+    def edit(config, novices):
+        config["approximate_experts"][str(layer)] = ids
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit_config,edit_tensors,message",
+    [
+        (set_novices(0, [3, NUM_EXPERTS]), None, r"distinct expert ids in \[0, 8\)"),
+        (set_novices(0, [3, 3]), None, "distinct expert ids"),
+        (set_novices(0, list(range(NUM_EXPERTS))), None, "leaves at least one expert"),
+        (
+            None,
+            lambda t, n: t.pop(novice_key(0, n[0][0])),
+            r"novice \d must have exactly one tensor 'approx_value', found none",
+        ),
+        (
+            None,
+            lambda t, n: t.__setitem__(novice_key(0, n[0][0]), torch.zeros(3)),
+            r"has shape \(3,\), expected \(64,\)",
+        ),
+        (
+            None,
+            lambda t, n: t.__setitem__(
+                novice_key(0, 7 if 7 not in n[0] else 6), torch.zeros(64)
+            ),
+            r"retained expert \d needs its weights and no 'approx_value'",
+        ),
+        (
+            None,
+            lambda t, n: t.__setitem__(novice_key(0, NUM_EXPERTS), torch.zeros(64)),
+            r"tensors of expert 8, but the router has 8 experts",
+        ),
+        (
+            set_novices(0, []),
+            None,
+            r"tensors without a parameter|retained expert \d needs its weights",
+        ),
+    ],
+)
+def test_malformed_metadata_gets_a_clear_error(
+    edit_config, edit_tensors, message, saved_checkpoint, tmp_path
+):
+    out = corrupt(saved_checkpoint, tmp_path, edit_config, edit_tensors)
+    with pytest.raises(ValueError, match=message):
+        mone_modifier.from_pretrained(out)
