@@ -39,6 +39,7 @@ from mone_modifier.scoring import (
     plan_budget,
     select_novices,
 )
+from mone_modifier.stacking import forget_modules
 from mone_modifier.statistics import LayerStatistics, reduce_across_ranks
 
 __all__ = ["MoNEPruningModifier"]
@@ -303,16 +304,16 @@ class MoNEPruningModifier(Modifier):
         num_experts = self._moe.attrs.num_experts
         retained = sorted(set(range(num_experts)) - set(novices))
         never_routed = [i for i in range(num_experts) if not stats.is_routed[i]]
+        experts = self._moe.experts(model, layer)
+        replaced = [experts[i] for i in novices]
         if self.novice == "drop":
             prune_moe_layer(model, layer.name, retained, self._moe.attrs)
             outcome = "dropped"
         else:
-            replace_with_novices(
-                self._moe.experts(model, layer),
-                novice_values(stats, novices, self.novice),
-            )
+            replace_with_novices(experts, novice_values(stats, novices, self.novice))
             record_novices(model.config, layer.index, novices)
             outcome = f"{self.novice} novices"
+        forget_modules(replaced)
         logger.info(f"MoNE layer {layer.index}: experts {novices} -> {outcome}")
         if never_routed:
             unmeasured = sorted(set(never_routed) & set(novices))

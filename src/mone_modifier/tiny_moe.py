@@ -81,6 +81,31 @@ _FAMILY = {
 }
 
 
+# W4A16 quantizes in groups of 128 input features: every Linear's input
+# (hidden size, attention output, expert intermediate size) a multiple of 128
+_GROUP_QUANTIZABLE = {
+    "olmoe": dict(hidden_size=128, intermediate_size=128),
+    "qwen3_moe": dict(hidden_size=128, moe_intermediate_size=128, head_dim=32),
+    "qwen2_moe": dict(
+        hidden_size=128, moe_intermediate_size=128, shared_expert_intermediate_size=128
+    ),
+    "mixtral": dict(hidden_size=128, intermediate_size=128),
+    "deepseek_v3": dict(
+        hidden_size=128,
+        intermediate_size=128,
+        moe_intermediate_size=128,
+        kv_lora_rank=128,
+        v_head_dim=32,
+    ),
+    "gpt_oss": dict(hidden_size=128, intermediate_size=128, head_dim=32),
+}
+
+
+def group_quantizable(family: str) -> dict:
+    """Config overrides that make ``family``'s tiny model W4A16-quantizable."""
+    return dict(_GROUP_QUANTIZABLE[family])
+
+
 def tiny_config(family: str, **overrides):
     return AutoConfig.for_model(family, **{**_COMMON, **_FAMILY[family], **overrides})
 
