@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 
+from mone_modifier.dequantize import dequantize_tensors
 from mone_modifier.expert_packing import EXPERT_COUNT_KEYS, pack_experts
 from mone_modifier.metadata import NOVICES_CONFIG_KEY
 
@@ -90,7 +91,8 @@ def from_pretrained(
     """
     Load a MoNE checkpoint (``approximate_experts`` layout: the paper authors'
     and this package's) as a transformers causal LM with novices; a
-    checkpoint without novices loads through plain transformers.
+    checkpoint without novices loads through plain transformers. Quantized
+    (compressed-tensors) checkpoints are dequantized to dense weights.
 
     :param path: checkpoint directory
     :param dtype: dtype to cast the loaded weights to (default: as stored)
@@ -104,6 +106,9 @@ def from_pretrained(
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
 
     tensors = _checkpoint_tensors(path, config.model_type)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        tensors = dequantize_tensors(tensors, quantization)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     for name, experts in get_non_linearized_moes(model):
