@@ -134,7 +134,7 @@ def set_novices(layer, ids):
     [
         (set_novices(0, [3, NUM_EXPERTS]), None, r"distinct expert ids in \[0, 8\)"),
         (set_novices(0, [3, 3]), None, "distinct expert ids"),
-        (set_novices(0, list(range(NUM_EXPERTS))), None, "leaves at least one expert"),
+        (set_novices(0, list(range(NUM_EXPERTS))), None, "leave at least one expert"),
         (
             None,
             lambda t, n: t.pop(novice_key(0, n[0][0])),
@@ -241,3 +241,102 @@ def test_fp8_reload_holds_the_fp8_weights(family, quantizable_moe, samples, tmp_
     with torch.no_grad():
         logits = loaded(input_ids=samples).logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+def to_expert_substitution(source, out, novices: dict[int, list[int]]):
+    """Rewrite an approximate_experts checkpoint in the expert_substitution
+    layout: retained experts renumbered 0 .. R-1, constants named in the config."""
+    tensors = load_file(source / "model.safetensors")
+    rewritten = {}
+    targets = {}
+    for layer, ids in novices.items():
+        prefix = f"model.layers.{layer}.mlp.experts"
+        retained = [e for e in range(NUM_EXPERTS) if e not in ids]
+        replacements = {}
+        for key in [k for k in tensors if k.startswith(prefix + ".")]:
+            expert, rest = key[len(prefix) + 1 :].split(".", 1)
+            tensor = tensors.pop(key)
+            if int(expert) in ids:
+                name = f"{prefix}.substitutions.{expert}.value"
+                rewritten[name] = tensor
+                replacements[expert] = {
+                    "format": "constant-v1",
+                    "tensors": {"value": name},
+                }
+            else:
+                rewritten[f"{prefix}.{retained.index(int(expert))}.{rest}"] = tensor
+        targets[prefix] = {
+            "weight_layout": "compact_retained_experts",
+            "replacements": replacements,
+        }
+    out.mkdir()
+    save_file(
+        {**tensors, **rewritten}, out / "model.safetensors", metadata={"format": "pt"}
+    )
+    config = json.loads((source / "config.json").read_text())
+    del config["approximate_experts"]
+    config["compression_config"] = {
+        "transform_config": {
+            "expert_substitution": {
+                "version": 1,
+                "router_semantics": {
+                    "preserve_logical_expert_ids": True,
+                    "preserve_router_weights": True,
+                    "renormalize_after_substitution": False,
+                },
+                "targets": targets,
+            }
+        }
+    }
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def test_reads_the_expert_substitution_layout(saved_checkpoint, samples, tmp_path):
+    source, novices = saved_checkpoint
+    expected = mone_modifier.from_pretrained(source)(input_ids=samples).logits
+    to_expert_substitution(source, tmp_path / "b", novices)
+    loaded = mone_modifier.from_pretrained(tmp_path / "b")
+    torch.testing.assert_close(
+        loaded(input_ids=samples).logits, expected, rtol=0, atol=0
+    )
+
+
+def test_both_layouts_at_once_is_refused(saved_checkpoint, tmp_path):
+    source, novices = saved_checkpoint
+    to_expert_substitution(source, tmp_path / "b", novices)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    config["approximate_experts"] = {str(k): v for k, v in novices.items()}
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match="both approximate_experts and expert_substitution"
+    ):
+        mone_modifier.from_pretrained(tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("version", 2, "version 2 is not supported"),
+        ("weight_layout", "logical", "weight_layout 'logical' is not supported"),
+        ("format", "mlp-v1", "format 'mlp-v1' is not supported"),
+    ],
+)
+def test_unsupported_expert_substitution(
+    field, value, message, saved_checkpoint, tmp_path
+):
+    source, novices = saved_checkpoint
+    to_expert_substitution(source, tmp_path / "b", novices)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    substitution = config["compression_config"]["transform_config"][
+        "expert_substitution"
+    ]
+    target = next(iter(substitution["targets"].values()))
+    if field == "version":
+        substitution["version"] = value
+    elif field == "weight_layout":
+        target["weight_layout"] = value
+    else:
+        next(iter(target["replacements"].values()))["format"] = value
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        mone_modifier.from_pretrained(tmp_path / "b")

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
-from loguru import logger
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
@@ -23,12 +22,11 @@ from transformers.core_model_loading import WeightRenaming
 
 from mone_modifier.dequantize import dequantize_tensors
 from mone_modifier.expert_packing import EXPERT_COUNT_KEYS, pack_experts
-from mone_modifier.metadata import NOVICES_CONFIG_KEY
+from mone_modifier.metadata import LayerNovices, read_novices
 
 __all__ = ["NoviceMoEExperts", "from_pretrained"]
 
 NOVICE_TENSOR = "approx_value"
-IGNORED_CONFIG_KEYS = ("approximate_expert_init_tokens",)
 
 
 class NoviceMoEExperts(torch.nn.Module):
@@ -89,8 +87,9 @@ def from_pretrained(
     path: str | Path, dtype: torch.dtype | None = None, **kwargs
 ) -> PreTrainedModel:
     """
-    Load a MoNE checkpoint (``approximate_experts`` layout: the paper authors'
-    and this package's) as a transformers causal LM with novices; a
+    Load a MoNE checkpoint (``approximate_experts`` layout, the paper authors'
+    and this package's, or ``expert_substitution``) as a transformers causal
+    LM with novices; a
     checkpoint without novices loads through plain transformers. Quantized
     (compressed-tensors) checkpoints are dequantized to dense weights.
 
@@ -101,11 +100,12 @@ def from_pretrained(
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     text_config = config.get_text_config()
-    novices = read_novices(text_config)
+    novices = read_novices(config, _num_experts(text_config))
     if not novices:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
 
-    tensors = _checkpoint_tensors(path, config.model_type)
+    rename = _key_renamer(config.model_type)
+    tensors = _checkpoint_tensors(path, rename)
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None:
         tensors = dequantize_tensors(tensors, quantization)
@@ -113,12 +113,12 @@ def from_pretrained(
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     for name, experts in get_non_linearized_moes(model):
         layer = int(re.findall(r"(?:^|\.)(\d+)(?=\.|$)", name)[-1])
-        per_expert = _pop_expert_tensors(tensors, name)
+        stored = novices.get(layer, LayerNovices({}))
+        per_expert = _logical_experts(
+            tensors, name, stored, experts.num_experts, rename
+        )
         model.set_submodule(
-            name,
-            _load_layer(
-                type(experts), text_config, layer, per_expert, novices.get(layer, [])
-            ),
+            name, _load_layer(type(experts), text_config, layer, per_expert, stored)
         )
     unexpected = model.load_state_dict(
         tensors, strict=False, assign=True
@@ -135,28 +135,6 @@ def from_pretrained(
     return model.eval()
 
 
-def read_novices(config) -> dict[int, list[int]]:
-    """Novice ids by decoder layer from a config, validated against E."""
-    for key in IGNORED_CONFIG_KEYS:
-        if getattr(config, key, None) is not None:
-            logger.info(
-                f"MoNE: ignoring {key} (used by an optional update at inference)"
-            )
-    raw = getattr(config, NOVICES_CONFIG_KEY, None) or {}
-    num_experts = _num_experts(config)
-    novices = {}
-    for layer, ids in raw.items():
-        ids = list(ids)
-        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < num_experts]
-        if bad or len(set(ids)) != len(ids) or len(ids) >= num_experts:
-            raise ValueError(
-                f"{NOVICES_CONFIG_KEY}[{layer!r}] = {ids} is not a set of distinct "
-                f"expert ids in [0, {num_experts}) that leaves at least one expert"
-            )
-        novices[int(layer)] = sorted(ids)
-    return novices
-
-
 def _num_experts(config) -> int:
     return next(
         getattr(config, key)
@@ -165,13 +143,31 @@ def _num_experts(config) -> int:
     )
 
 
-def _checkpoint_tensors(path: Path, model_type: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, under the model's parameter names."""
-    renames = [
+def _key_renamer(model_type: str):
+    """Checkpoint name -> model parameter name (transformers' renames, e.g.
+    Mixtral's ``block_sparse_moe`` -> ``mlp``)."""
+    rules = [
         rule
         for rule in get_checkpoint_conversion_mapping(model_type) or []
         if isinstance(rule, WeightRenaming)
     ]
+
+    def rename(key: str) -> str:
+        for rule in rules:
+            key, _ = rule.rename_source_key(key)
+        return key
+
+    return rename
+
+
+def _pop(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in tensors:
+        raise ValueError(f"the checkpoint has no tensor {name!r} named by its config")
+    return tensors.pop(name)
+
+
+def _checkpoint_tensors(path: Path, rename) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, under the model's parameter names."""
     tensors = {}
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -179,23 +175,38 @@ def _checkpoint_tensors(path: Path, model_type: str) -> dict[str, torch.Tensor]:
     for file in files:
         with safe_open(file, "pt") as f:
             for key in f.keys():
-                name = key
-                for rule in renames:
-                    name, _ = rule.rename_source_key(name)
-                tensors[name] = f.get_tensor(key)
+                tensors[rename(key)] = f.get_tensor(key)
     return tensors
 
 
-def _pop_expert_tensors(
-    tensors: dict[str, torch.Tensor], experts_name: str
+def _logical_experts(
+    tensors: dict[str, torch.Tensor],
+    experts_name: str,
+    stored: LayerNovices,
+    num_experts: int,
+    rename,
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Take ``<experts_name>.<id>.<tensor>`` entries out of ``tensors``."""
+    """Take one layer's expert tensors out of ``tensors``, keyed by logical
+    expert id: ``<experts_name>.<id>.<tensor>``, with compact ids mapped back
+    and novices named in the config added as ``approx_value``."""
     pattern = re.compile(rf"{re.escape(experts_name)}\.(\d+)\.(.+)")
     per_expert: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
     for key in [k for k in tensors if pattern.fullmatch(k)]:
         expert, tensor = pattern.fullmatch(key).groups()
         per_expert[int(expert)][tensor] = tensors.pop(key)
-    return per_expert
+    if stored.compact:
+        retained = [i for i in range(num_experts) if i not in stored.novices]
+        compact = dict(per_expert)
+        per_expert = {new: compact.pop(old, {}) for old, new in enumerate(retained)}
+        if compact:
+            raise ValueError(
+                f"{experts_name}: compact expert ids {sorted(compact)} exceed the "
+                f"{len(retained)} retained experts"
+            )
+    for expert, tensor_name in stored.novices.items():
+        if tensor_name is not None:
+            per_expert[expert] = {NOVICE_TENSOR: _pop(tensors, rename(tensor_name))}
+    return dict(per_expert)
 
 
 def _load_layer(
@@ -203,9 +214,10 @@ def _load_layer(
     config,
     layer: int,
     per_expert: dict[int, dict[str, torch.Tensor]],
-    novice_ids: list[int],
+    stored: LayerNovices,
 ) -> torch.nn.Module:
     num_experts = _num_experts(config)
+    novice_ids = sorted(stored.novices)
     retained_ids = [i for i in range(num_experts) if i not in set(novice_ids)]
     hidden_size = config.hidden_size
     for expert in set(per_expert) - set(range(num_experts)):
