@@ -340,3 +340,17 @@ def test_unsupported_expert_substitution(
     (tmp_path / "b" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         mone_modifier.from_pretrained(tmp_path / "b")
+
+
+def test_novice_routes_in_grouped_mm_and_eager(saved_checkpoint, samples):
+    """grouped_mm skips novice routes by id; eager takes them at weight zero."""
+    loaded = mone_modifier.from_pretrained(saved_checkpoint[0])
+    assert loaded.config._experts_implementation == "grouped_mm"
+    with torch.no_grad():
+        grouped = loaded(input_ids=samples).logits
+        loaded.set_experts_implementation("eager")
+        eager = loaded(input_ids=samples).logits
+    assert loaded.model.layers[
+        0
+    ].mlp.experts.retained.config._experts_implementation == ("eager")
+    torch.testing.assert_close(eager, grouped, rtol=0, atol=1e-5)

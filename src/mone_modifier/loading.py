@@ -35,8 +35,11 @@ class NoviceMoEExperts(torch.nn.Module):
     module: ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``.
 
     Routes to retained experts go to ``retained``, the fused experts module of
-    the retained experts, under their compact ids; routes to novices reach it
-    with weight zero and add ``g * novice`` through one gather instead.
+    the retained experts, under their compact ids; routes to novices add
+    ``g * novice`` through one gather instead, and reach ``retained`` with
+    weight zero under id R, which transformers' default ``grouped_mm``
+    implementation skips at no cost (the eager loop cannot take that id, so
+    there they go to expert 0 with weight zero).
 
     :param retained: fused experts module holding the retained experts
     :param retained_ids: logical ids of its experts, in order
@@ -72,9 +75,14 @@ class NoviceMoEExperts(torch.nn.Module):
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
         retained = self.is_retained[top_k_index]
+        skipped = (
+            0
+            if self.retained.config._experts_implementation == "eager"
+            else (self.retained.num_experts)
+        )
         output = self.retained(
             hidden_states,
-            self.compact_id[top_k_index],
+            torch.where(retained, self.compact_id[top_k_index], skipped),
             torch.where(retained, top_k_weights, 0),
         )
         novices = self.novice_table[top_k_index].to(top_k_weights.dtype)
@@ -111,6 +119,7 @@ def from_pretrained(
         tensors = dequantize_tensors(tensors, quantization)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
+    text_config = model.config.get_text_config()
     for name, experts in get_non_linearized_moes(model):
         layer = int(re.findall(r"(?:^|\.)(\d+)(?=\.|$)", name)[-1])
         stored = novices.get(layer, LayerNovices({}))
