@@ -158,7 +158,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[UNK]"
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[UNK]",
+        eos_token="[UNK]",
     )
 
 
