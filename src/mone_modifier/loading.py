@@ -23,6 +23,7 @@ from transformers.core_model_loading import WeightRenaming
 from mone_modifier.dequantize import dequantize_tensors
 from mone_modifier.expert_packing import EXPERT_COUNT_KEYS, pack_experts
 from mone_modifier.metadata import LayerNovices, read_novices
+from mone_modifier.moe_layers import layer_index
 
 __all__ = ["NoviceMoEExperts", "from_pretrained"]
 
@@ -97,9 +98,9 @@ def from_pretrained(
     """
     Load a MoNE checkpoint (``approximate_experts`` layout, the paper authors'
     and this package's, or ``expert_substitution``) as a transformers causal
-    LM with novices; a
-    checkpoint without novices loads through plain transformers. Quantized
-    (compressed-tensors) checkpoints are dequantized to dense weights.
+    LM with novices; a checkpoint without novices loads through plain
+    transformers. Quantized (compressed-tensors) checkpoints are dequantized
+    to dense weights.
 
     :param path: checkpoint directory
     :param dtype: dtype to cast the loaded weights to (default: as stored)
@@ -121,7 +122,7 @@ def from_pretrained(
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     text_config = model.config.get_text_config()
     for name, experts in get_non_linearized_moes(model):
-        layer = int(re.findall(r"(?:^|\.)(\d+)(?=\.|$)", name)[-1])
+        layer = layer_index(name)
         stored = novices.get(layer, LayerNovices({}))
         per_expert = _logical_experts(
             tensors, name, stored, experts.num_experts, rename

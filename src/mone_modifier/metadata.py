@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from loguru import logger
 from transformers import PretrainedConfig
 
+from mone_modifier.moe_layers import layer_index
+
 __all__ = [
     "NOVICES_CONFIG_KEY",
     "LayerNovices",
@@ -104,8 +106,7 @@ def _read_substitution(substitution: dict) -> dict[int, LayerNovices]:
         )
     layers = {}
     for path, target in substitution.get("targets", {}).items():
-        indices = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", path)
-        if len(indices) != 1:
+        if len(re.findall(r"(?:^|\.)\d+(?=\.|$)", path)) != 1:
             raise ValueError(
                 f"expert_substitution target {path!r} must name one decoder layer"
             )
@@ -123,7 +124,7 @@ def _read_substitution(substitution: dict) -> dict[int, LayerNovices]:
                     f"{replacement.get('format')!r} is not supported (constant-v1 is)"
                 )
             novices[_as_ids([expert], path)[0]] = replacement["tensors"]["value"]
-        layers[int(indices[0])] = LayerNovices(novices, compact=True)
+        layers[layer_index(path)] = LayerNovices(novices, compact=True)
     return layers
 
 

@@ -18,7 +18,7 @@ from llmcompressor.modifiers.pruning.reap.utils import (
     get_moe_attrs,
 )
 
-__all__ = ["MoELayer", "MoEModel", "find_moe_layers"]
+__all__ = ["MoELayer", "MoEModel", "find_moe_layers", "layer_index"]
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,12 @@ def find_moe_layers(model: torch.nn.Module, ignore: list[str]) -> MoEModel:
         )
     attrs = get_moe_attrs(model, ignore)
     return MoEModel(
-        attrs, [MoELayer(name, _layer_index(name)) for name in attrs.moe_layer_names]
+        attrs, [MoELayer(name, layer_index(name)) for name in attrs.moe_layer_names]
     )
 
 
-def _layer_index(name: str) -> int:
+def layer_index(name: str) -> int:
+    """The decoder layer index in a module path, e.g. 3 in model.layers.3.mlp."""
     indices = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", name)
     if not indices:
         raise ValueError(f"cannot tell the decoder layer index of MoE block {name!r}")
