@@ -8,7 +8,11 @@ from loguru import logger
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mone_modifier.tiny_moe import build_tiny_moe, calibration_ids  # noqa: E402
+from mone_modifier.tiny_moe import (  # noqa: E402
+    build_tiny_moe,
+    calibration_ids,
+    group_quantizable,
+)
 
 NUM_SAMPLES = 8
 SEQ_LEN = 24
@@ -23,6 +27,22 @@ def tiny_moe(tmp_path_factory):
     def get(family: str) -> Path:
         if family not in cache:
             cache[family] = build_tiny_moe(family, root / family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def quantizable_moe(tmp_path_factory):
+    """family -> path of a tiny model whose Linears W4A16 can quantize."""
+    root = tmp_path_factory.mktemp("quantizable")
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = build_tiny_moe(
+                family, root / family, **group_quantizable(family)
+            )
         return cache[family]
 
     return get

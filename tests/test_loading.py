@@ -16,8 +16,6 @@ from mone_modifier.loading import NoviceMoEExperts
 from mone_modifier.tiny_moe import (
     FAMILIES,
     NUM_EXPERTS,
-    build_tiny_moe,
-    group_quantizable,
 )
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -173,19 +171,6 @@ def test_malformed_metadata_gets_a_clear_error(
 
 
 QUANTIZED_FAMILIES = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
-
-
-@pytest.fixture(scope="module")
-def quantizable_moe(tmp_path_factory):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tmp_path_factory.mktemp("q") / family
-            cache[family] = build_tiny_moe(family, path, **group_quantizable(family))
-        return cache[family]
-
-    return get
 
 
 @pytest.mark.parametrize("family", QUANTIZED_FAMILIES)

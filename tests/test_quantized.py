@@ -14,23 +14,10 @@ from safetensors import safe_open
 
 from helpers import run_oneshot
 from mone_modifier.novice import NoviceExpert
-from mone_modifier.tiny_moe import NUM_EXPERTS, build_tiny_moe, group_quantizable
+from mone_modifier.tiny_moe import NUM_EXPERTS
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 FAMILY = "qwen2_moe"  # shared expert and its gate, the widest ignore list
-
-
-@pytest.fixture(scope="module")
-def quantizable(tmp_path_factory):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tmp_path_factory.mktemp("q") / family
-            cache[family] = build_tiny_moe(family, path, **group_quantizable(family))
-        return cache[family]
-
-    return get
 
 
 @pytest.fixture
@@ -62,10 +49,13 @@ def quantizable_linears(model) -> dict[int, str]:
 @pytest.mark.parametrize("pipeline", ["independent", "sequential"])
 @pytest.mark.parametrize("recipe,replaced", [("mone_w4", 2), ("mone_w4_50", 4)])
 def test_gptq_compresses_exactly_the_retained_linears(
-    family, pipeline, recipe, replaced, quantizable, samples, gptq_work
+    family, pipeline, recipe, replaced, quantizable_moe, samples, gptq_work
 ):
     model = run_oneshot(
-        quantizable(family), samples, str(RECIPES / f"{recipe}.yaml"), pipeline=pipeline
+        quantizable_moe(family),
+        samples,
+        str(RECIPES / f"{recipe}.yaml"),
+        pipeline=pipeline,
     )
     targets = quantizable_linears(model)
     assert sorted(targets[id(m)] for m in gptq_work if id(m) in targets) == sorted(
@@ -84,9 +74,9 @@ def test_gptq_compresses_exactly_the_retained_linears(
 
 
 @pytest.mark.parametrize("pipeline", ["independent", "sequential"])
-def test_fp8_recipe(pipeline, quantizable, samples, tmp_path):
+def test_fp8_recipe(pipeline, quantizable_moe, samples, tmp_path):
     model = run_oneshot(
-        quantizable(FAMILY),
+        quantizable_moe(FAMILY),
         samples,
         str(RECIPES / "mone_fp8.yaml"),
         pipeline=pipeline,
@@ -108,8 +98,8 @@ def test_fp8_recipe(pipeline, quantizable, samples, tmp_path):
                     assert weight.dtype == torch.float8_e4m3fn
 
 
-def test_w4a16_checkpoint_layout_and_size(quantizable, samples, tmp_path):
-    path = quantizable(FAMILY)
+def test_w4a16_checkpoint_layout_and_size(quantizable_moe, samples, tmp_path):
+    path = quantizable_moe(FAMILY)
     run_oneshot(
         path,
         samples,
