@@ -13,10 +13,7 @@ import mone_modifier
 from helpers import run_oneshot
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.loading import NoviceMoEExperts
-from mone_modifier.tiny_moe import (
-    FAMILIES,
-    NUM_EXPERTS,
-)
+from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS, build_tiny_moe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 QPARAMS = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
@@ -339,3 +336,16 @@ def test_novice_routes_in_grouped_mm_and_eager(saved_checkpoint, samples):
         0
     ].mlp.experts.retained.config._experts_implementation == ("eager")
     torch.testing.assert_close(eager, grouped, rtol=0, atol=1e-5)
+
+
+def test_tied_embeddings(samples, tmp_path):
+    path = build_tiny_moe("olmoe", tmp_path / "tied", tie_word_embeddings=True)
+    model = run_oneshot(path, samples, MoNEPruningModifier(sparsity=0.25))
+    with torch.no_grad():
+        expected = model(input_ids=samples).logits
+    model.save_pretrained(tmp_path / "out")
+    loaded = mone_modifier.from_pretrained(tmp_path / "out")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        logits = loaded(input_ids=samples).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)

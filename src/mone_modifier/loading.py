@@ -133,13 +133,13 @@ def from_pretrained(
     unexpected = model.load_state_dict(
         tensors, strict=False, assign=True
     ).unexpected_keys
+    model.tie_weights()  # a tied lm_head is not in the checkpoint
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if unexpected or missing:
         raise ValueError(
             f"checkpoint {path} does not match its model: tensors without a "
             f"parameter {unexpected[:5]}, parameters without a tensor {missing[:5]}"
         )
-    model.tie_weights()
     if dtype is not None:
         model.to(dtype)
     return model.eval()
