@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from data import DOMAINS, load_domain
 from datasets import Dataset
 from llmcompressor import oneshot
-from llmcompressor.modeling.moe.linearize import linearize_moe
+from llmcompressor.modeling.moe.linearize import get_linearized_moes, linearize_moe
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.pruning.reap.base import REAPPruningModifier
 from llmcompressor.modifiers.quantization import GPTQModifier
@@ -38,6 +39,7 @@ from train_models import build, full_setup, quick_setup
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mone_modifier import MoNEPruningModifier
+from mone_modifier.expert_packing import EXPERT_COUNT_KEYS
 
 SPARSITIES = (0.25, 0.5)
 
@@ -322,6 +324,19 @@ def oneshot_cost(model_path: Path, method: str, plan: "Plan", seq_len: int) -> d
     return {"oneshot_s": seconds, "peak_rss_mb": peak_kib / 1024}
 
 
+class PhaseTimer:
+    """Wall seconds of named phases: ``with timer("quality"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+
+
 class NoOp(Modifier):
     """A calibration modifier that does nothing: the pipeline's own cost."""
 
@@ -352,6 +367,8 @@ def size_and_speed(model_path, plan, domains, seq_len, evaluate, work) -> dict:
                 model_path, method_modifiers(method, sparsity), dataset, seq_len
             )
             model.save_pretrained(work / name)
+            if method == "reap":
+                fix_expert_count(work / name, model)
             sizes[name] = checkpoint_bytes(work / name)
             models[name] = mone_modifier.from_pretrained(work / name)
     windows = evaluate.windows[DOMAINS[0]][:4]
@@ -364,6 +381,18 @@ def size_and_speed(model_path, plan, domains, seq_len, evaluate, work) -> dict:
         }
         for name, size in sizes.items()
     }
+
+
+def fix_expert_count(directory: Path, model):
+    """REAP's save keeps DeepSeek-V3's n_routed_experts at the unpruned count,
+    so stock transformers cannot load it; write the count the experts have."""
+    (count,) = {m.num_experts for _, m in get_linearized_moes(model)}
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    for key in EXPERT_COUNT_KEYS:
+        if key in config:
+            config[key] = count
+    path.write_text(json.dumps(config, indent=2))
 
 
 # -- report -------------------------------------------------------------------
@@ -561,36 +590,41 @@ def main(argv=None):
     }
     for model_name, model_path in build(setup).items():
         training = setup.models[model_name]
+        seq_len = training.seq_len
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        evaluate = Evaluator(
-            tokenizer, domains, plan, training.seq_len, work / model_name
-        )
+        evaluate = Evaluator(tokenizer, domains, plan, seq_len, work / model_name)
         hidden = training.config["hidden_size"]
-        quality = quality_table(
-            model_path, evaluate, plan, domains, training.seq_len, hidden
-        )
-        base_row = quality[0]
-        robustness = robustness_table(
-            model_path, evaluate, plan, domains, training.seq_len, base_row
-        )
-        cost = {
-            method: peak_memory_run(model_path, method, args.quick, training.seq_len)
-            for method in ("noop", "mone", "reap")
-        }
+        timer = PhaseTimer()
+        with timer("quality"):
+            quality = quality_table(
+                model_path, evaluate, plan, domains, seq_len, hidden
+            )
+        with timer("robustness"):
+            robustness = robustness_table(
+                model_path, evaluate, plan, domains, seq_len, quality[0]
+            )
+        with timer("cost"):
+            cost = {
+                method: peak_memory_run(model_path, method, args.quick, seq_len)
+                for method in ("noop", "mone", "reap")
+            }
+        with timer("size_speed"):
+            size_speed = size_and_speed(
+                model_path,
+                plan,
+                domains,
+                seq_len,
+                evaluate,
+                work / f"{model_name}-ckpt",
+            )
         results["models"][model_name] = {
             "training": json.loads((model_path / "metrics.json").read_text()),
             "quality": quality,
             "robustness": robustness,
             "robustness_summary": robustness_summary(robustness),
             "cost": cost,
-            "size_speed": size_and_speed(
-                model_path,
-                plan,
-                domains,
-                training.seq_len,
-                evaluate,
-                work / f"{model_name}-ckpt",
-            ),
+            "size_speed": size_speed,
+            "phase_seconds": timer.seconds,
         }
     results["seconds"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,7 @@ def full_setup() -> Setup:
         moe_intermediate_size=256,
         intermediate_size=512,
         routed_scaling_factor=1.0,
-        kv_lora_rank=64,
+        kv_lora_rank=128,  # W4A16 groups of 128 need in_features % 128 == 0
         q_lora_rank=None,
         qk_rope_head_dim=16,
         qk_nope_head_dim=48,
@@ -123,7 +123,7 @@ def quick_setup() -> Setup:
                 topk_group=1,
                 num_experts_per_tok=2,
                 moe_intermediate_size=64,
-                kv_lora_rank=32,
+                kv_lora_rank=64,
                 v_head_dim=16,
                 qk_nope_head_dim=16,
             )
