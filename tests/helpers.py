@@ -53,3 +53,48 @@ def tree_digest(path: Path) -> str:
             digest.update(str(file.relative_to(path)).encode())
             digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+CHOICE_TASK = """task: mone_tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def choice_documents(samples: torch.Tensor) -> list[dict]:
+    """Continue each held-out sequence with its true next four tokens or with
+    three other four-token spans."""
+    docs = []
+    for i, row in enumerate(samples.tolist()):
+        words = [f"w{t}" for t in row]
+        spans = [words[12:16], words[16:20], words[4:8], words[20:24]]
+        label = i % 4
+        spans[0], spans[label] = spans[label], spans[0]
+        docs.append(
+            {
+                "context": " ".join(words[:12]),
+                "choices": [" " + " ".join(s) for s in spans],
+                "label": label,
+            }
+        )
+    return docs
+
+
+def write_choice_task(directory: Path, samples: torch.Tensor) -> list[dict]:
+    """A local lm-eval multiple-choice task ``mone_tiny_choice`` in
+    ``directory`` (a YAML and its JSONL data); returns its documents."""
+    docs = choice_documents(samples)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "tiny_choice.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in docs))
+    (directory / "tiny_choice.yaml").write_text(CHOICE_TASK.format(data=data))
+    return docs

@@ -19,41 +19,8 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import mone_modifier  # noqa: E402
 import mone_modifier.evaluation  # noqa: E402, F401  (registers "mone")
-from helpers import run_oneshot  # noqa: E402
+from helpers import run_oneshot, write_choice_task  # noqa: E402
 from mone_modifier import MoNEPruningModifier  # noqa: E402
-
-TASK = """task: mone_tiny_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-"""
-
-
-def documents(samples: torch.Tensor) -> list[dict]:
-    """Continue each held-out sequence with its true next four tokens or with
-    three other four-token spans."""
-    docs = []
-    for i, row in enumerate(samples.tolist()):
-        words = [f"w{t}" for t in row]
-        spans = [words[12:16], words[16:20], words[4:8], words[20:24]]
-        label = i % 4
-        spans[0], spans[label] = spans[label], spans[0]
-        docs.append(
-            {
-                "context": " ".join(words[:12]),
-                "choices": [" " + " ".join(s) for s in spans],
-                "label": label,
-            }
-        )
-    return docs
 
 
 @torch.no_grad()
@@ -82,12 +49,8 @@ def checkpoint_and_task(tiny_moe, samples, tmp_path_factory):
         MoNEPruningModifier(sparsity=0.25),
         output_dir=str(root / "checkpoint"),
     )
-    docs = documents(samples)
-    data = root / "tasks" / "tiny_choice.jsonl"
-    data.parent.mkdir()
-    data.write_text("\n".join(json.dumps(d) for d in docs))
-    (data.parent / "tiny_choice.yaml").write_text(TASK.format(data=data))
-    return root / "checkpoint", data.parent, docs
+    docs = write_choice_task(root / "tasks", samples)
+    return root / "checkpoint", root / "tasks", docs
 
 
 @pytest.fixture(autouse=True)
