@@ -1,7 +1,7 @@
 """
 The benchmark's own small MoE language models, trained here on real text.
 
-    python benchmarks/train_models.py [--quick] [--cache benchmarks/.cache]
+    python benchmarks/train_models.py [--quick] [--cache DIR]
 
 A byte-level BPE tokenizer is trained on the training split of the code and
 prose domains, then two models with architectures llm-compressor handles:
@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,10 @@ from data import DOMAINS, load_domain
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-CACHE = Path(__file__).parent / ".cache"
+# outside the work tree, like the Hugging Face cache, so a fresh checkout on
+# the same machine reuses trained models
+CACHE = Path(os.environ.get("MONE_BENCHMARK_CACHE", "~/.cache/mone-modifier-benchmark"))
+CACHE = CACHE.expanduser()
 # bump when the training procedure changes, so cached models are rebuilt
 PROCEDURE = 1
 
