@@ -72,6 +72,10 @@ def full_setup() -> Setup:
         max_position_embeddings=512,
         tie_word_embeddings=True,
         num_experts_per_tok=4,
+        # the tokenizer's special tokens: <unk> 0, <eos> 1
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     olmoe = dict(
         common,
