@@ -5,6 +5,7 @@ any calibration work, and leaves the user's files untouched.
 
 import pytest
 from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import mone_modifier  # noqa: F401
@@ -144,3 +145,28 @@ def test_recipe_without_calibration_dataset(tiny_moe, no_calibration):
     with pytest.raises(ValueError, match="needs calibration data .*: pass a dataset"):
         oneshot(model=str(path), recipe=MoNEPruningModifier(sparsity=0.25))
     assert tree_digest(path) == before
+
+
+def test_mone_after_a_quantizer_is_refused(tiny_moe, samples, no_calibration):
+    gptq = GPTQModifier(targets=["Linear"], scheme="W8A16", ignore=["lm_head"])
+    fails_before_calibration(
+        tiny_moe("olmoe"),
+        samples,
+        [gptq, MoNEPruningModifier(sparsity=0.25)],
+        r"comes after GPTQModifier in the recipe\. Put it first",
+    )
+
+
+def test_model_already_pruned_in_memory_is_refused(tiny_moe, samples):
+    pruned = run_oneshot(tiny_moe("olmoe"), samples, MoNEPruningModifier(sparsity=0.25))
+    with pytest.raises(ValueError, match=r"already pruned by MoNE \(\[0, 1\] layers"):
+        run_oneshot(pruned, samples, MoNEPruningModifier(sparsity=0.25))
+
+
+def test_reloaded_pruned_model_is_refused(tiny_moe, samples, tmp_path):
+    pruned = run_oneshot(tiny_moe("olmoe"), samples, MoNEPruningModifier(sparsity=0.25))
+    pruned.save_pretrained(tmp_path / "pruned")
+    reloaded = mone_modifier.from_pretrained(tmp_path / "pruned")
+    reloaded.config._name_or_path = str(tmp_path / "pruned")
+    with pytest.raises(ValueError, match="already pruned by MoNE"):
+        run_oneshot(reloaded, samples, MoNEPruningModifier(sparsity=0.25))

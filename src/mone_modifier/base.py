@@ -41,6 +41,7 @@ from mone_modifier.scoring import (
 )
 from mone_modifier.stacking import forget_modules
 from mone_modifier.statistics import LayerStatistics, reduce_across_ranks
+from mone_modifier.validation import check_not_pruned, check_recipe_order
 
 __all__ = ["MoNEPruningModifier"]
 
@@ -158,6 +159,8 @@ class MoNEPruningModifier(Modifier):
                 "experts: pass a dataset to oneshot, e.g. "
                 "oneshot(model=..., dataset=..., recipe=...)"
             )
+        check_recipe_order(self)
+        check_not_pruned(state.model)
         self._moe = find_moe_layers(state.model, self.ignore)
         attrs = self._moe.attrs
         self._budget = plan_budget(

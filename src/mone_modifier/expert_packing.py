@@ -31,7 +31,9 @@ EXPERT_COUNT_KEYS = (
 
 
 def with_expert_count(config: PretrainedConfig, count: int) -> PretrainedConfig:
-    """A copy of ``config`` whose every expert-count key says ``count``."""
+    """``config``, or a copy whose every expert-count key says ``count``."""
+    if all(getattr(config, k, count) == count for k in EXPERT_COUNT_KEYS):
+        return config
     config = copy.deepcopy(config)
     for key in EXPERT_COUNT_KEYS:
         if key in config.to_dict():
@@ -49,15 +51,12 @@ def pack_experts(
     Build ``fused_cls`` for ``len(experts)`` experts and fill it.
 
     :param fused_cls: the architecture's experts class (e.g. ``Qwen3MoeExperts``)
-    :param config: the model's (text) config, shared with the result
+    :param config: the model's (text) config
     :param experts: per expert, its 2-D tensors by name (``gate_proj.weight``,
         ``up_proj.weight``, ``down_proj.weight`` and biases where present)
     """
     with skip_weights_initialize():
         fused = fused_cls(with_expert_count(config, len(experts)))
-    # built for fewer experts, it then follows the model's live config, e.g.
-    # set_experts_implementation
-    fused.config = config
     first = experts[0]["down_proj.weight"]
     fused.to(first.dtype)
     linear_cls = LinearExperts2D.get_linear_experts_cls(fused_cls)

@@ -45,7 +45,8 @@ class NoviceMoEExperts(torch.nn.Module):
     :param retained: fused experts module holding the retained experts
     :param retained_ids: logical ids of its experts, in order
     :param novices: logical id -> ``[hidden_size]`` novice vector
-    :param num_experts: the router's width, E
+    :param config: the model's (text) config; its experts implementation
+        (``set_experts_implementation``) applies to ``retained`` too
     """
 
     def __init__(
@@ -53,10 +54,12 @@ class NoviceMoEExperts(torch.nn.Module):
         retained: torch.nn.Module,
         retained_ids: list[int],
         novices: dict[int, torch.Tensor],
-        num_experts: int,
+        config,
     ):
         super().__init__()
         self.retained = retained
+        self.config = config
+        num_experts = len(retained_ids) + len(novices)
         compact = torch.zeros(num_experts, dtype=torch.long)
         compact[retained_ids] = torch.arange(len(retained_ids))
         is_retained = torch.zeros(num_experts, dtype=torch.bool)
@@ -75,12 +78,11 @@ class NoviceMoEExperts(torch.nn.Module):
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
+        implementation = self.config._experts_implementation
+        # the retained module has its own config (built for fewer experts)
+        self.retained.config._experts_implementation = implementation
         retained = self.is_retained[top_k_index]
-        skipped = (
-            0
-            if self.retained.config._experts_implementation == "eager"
-            else (self.retained.num_experts)
-        )
+        skipped = 0 if implementation == "eager" else self.retained.num_experts
         output = self.retained(
             hidden_states,
             torch.where(retained, self.compact_id[top_k_index], skipped),
@@ -259,4 +261,4 @@ def _load_layer(
     retained = pack_experts(fused_cls, config, [per_expert[i] for i in retained_ids])
     if not novices:
         return retained
-    return NoviceMoEExperts(retained, retained_ids, novices, num_experts)
+    return NoviceMoEExperts(retained, retained_ids, novices, config)

@@ -1,0 +1,44 @@
+"""
+Checks on the model and the recipe that MoNE runs before any calibration
+work, so a wrong set-up fails at once with the fix in the message.
+"""
+
+import torch
+from llmcompressor.core import active_session
+from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
+
+from mone_modifier.loading import NoviceMoEExperts
+from mone_modifier.metadata import recorded_novices
+from mone_modifier.novice import NoviceExpert
+
+__all__ = ["check_not_pruned", "check_recipe_order"]
+
+
+def check_not_pruned(model: torch.nn.Module):
+    """Refuse a model MoNE has already pruned: its novices would be measured
+    as experts, and sparsities would compound unnoticed."""
+    pruned = recorded_novices(model.config)
+    if pruned or any(
+        isinstance(m, (NoviceExpert, NoviceMoEExperts)) for m in model.modules()
+    ):
+        layers = sorted(pruned) or "some"
+        raise ValueError(
+            f"this model was already pruned by MoNE ({layers} layers have novices). "
+            f"Prune the original checkpoint instead, with the total `sparsity` "
+            f"you want."
+        )
+
+
+def check_recipe_order(modifier: Modifier):
+    """Refuse MoNE after a quantization modifier in the same recipe: it would
+    measure quantized experts, and the quantizer would already have spent its
+    work on experts MoNE then replaces."""
+    modifiers = active_session().lifecycle.recipe.modifiers
+    earlier = modifiers[: next(i for i, m in enumerate(modifiers) if m is modifier)]
+    quantizers = [type(m).__name__ for m in earlier if isinstance(m, QuantizationMixin)]
+    if quantizers:
+        raise ValueError(
+            f"MoNEPruningModifier comes after {', '.join(quantizers)} in the recipe. "
+            f"Put it first: prune the experts, then quantize what remains."
+        )
