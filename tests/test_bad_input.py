@@ -4,6 +4,7 @@ any calibration work, and leaves the user's files untouched.
 """
 
 import pytest
+import torch
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -170,3 +171,14 @@ def test_reloaded_pruned_model_is_refused(tiny_moe, samples, tmp_path):
     reloaded.config._name_or_path = str(tmp_path / "pruned")
     with pytest.raises(ValueError, match="already pruned by MoNE"):
         run_oneshot(reloaded, samples, MoNEPruningModifier(sparsity=0.25))
+
+
+def test_non_finite_expert_outputs(tiny_moe, samples, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe("qwen3_moe"))
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[3] = float("inf")
+    path = tmp_path / "overflowing"
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    with pytest.raises(ValueError, match=r"layer 0: experts \[3\] produced NaN or inf"):
+        run_oneshot(path, samples, MoNEPruningModifier(sparsity=0.25))

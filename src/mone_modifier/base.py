@@ -276,6 +276,13 @@ class MoNEPruningModifier(Modifier):
         }
         for layer in layers:
             self.remove_hooks(self._layer_hooks.pop(layer.name))
+            if bad := stats[layer.index].non_finite_experts():
+                raise ValueError(
+                    f"MoNE layer {layer.index}: experts {bad} produced NaN or inf "
+                    f"outputs on the calibration data, so no statistic of theirs "
+                    f"can rank them. Check the checkpoint's weights, or load a "
+                    f"float16 model in bfloat16 or float32 to avoid overflow."
+                )
         scores = {
             index: expert_scores(s, self.scoring, self.seed, index)
             for index, s in stats.items()

@@ -125,6 +125,16 @@ class LayerStatistics:
         ):
             getattr(self, name).add_(getattr(other, name))
 
+    def non_finite_experts(self) -> list[int]:
+        """Experts whose outputs or routing weights contained NaN or inf."""
+        finite = (
+            self.mean.isfinite().all(dim=1)
+            & self.m2.isfinite().all(dim=1)
+            & self.weight_sum.isfinite()
+            & self.saliency_sum.isfinite()
+        )
+        return (~finite).nonzero().squeeze(1).tolist()
+
     # -- derived quantities ------------------------------------------------
 
     @property
