@@ -33,8 +33,8 @@ from loguru import logger
 from transformers import AutoModelForCausalLM
 
 import mone_modifier
-from mone_modifier.demo import stdlib_text, train_tokenizer
-from mone_modifier.tiny_moe import build_tiny_moe, group_quantizable
+from mone_modifier.demo import stdlib_text
+from mone_modifier.tiny_moe import build_tiny_moe, group_quantizable, train_tokenizer
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 MODEL = dict(
@@ -108,7 +108,7 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="mone-bench-"))
     texts = stdlib_text()
     calibration, held_out = texts[: len(texts) // 2], texts[len(texts) // 2 :]
-    tokenizer = train_tokenizer(texts)
+    tokenizer = train_tokenizer(texts, config["vocab_size"])
     source = build_tiny_moe("olmoe", work / "source", tokenizer=tokenizer, **config)
 
     unpruned = AutoModelForCausalLM.from_pretrained(source)

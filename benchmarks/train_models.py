@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 from data import DOMAINS, load_domain
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from mone_modifier.tiny_moe import train_tokenizer
 
 # outside the work tree, like the Hugging Face cache, so a fresh checkout on
 # the same machine reuses trained models
@@ -147,27 +148,6 @@ def quick_setup() -> Setup:
             bias_update=training.bias_update,
         )
     return Setup(512, models_)
-
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=["<unk>", "<eos>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>",
-        eos_token="<eos>",
-        pad_token="<eos>",
-    )
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:

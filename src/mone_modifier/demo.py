@@ -14,12 +14,11 @@ from pathlib import Path
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.core import active_session
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.report import write_report
-from mone_modifier.tiny_moe import build_tiny_moe
+from mone_modifier.tiny_moe import build_tiny_moe, train_tokenizer
 
 VOCAB_SIZE = 512
 DEMO_MODEL = dict(
@@ -41,22 +40,6 @@ def stdlib_text() -> list[str]:
 
     source = "\n".join(inspect.getsource(m) for m in (a, dataclasses, j, textwrap))
     return [p for p in source.split("\n\n") if len(p) > 200]
-
-
-def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=VOCAB_SIZE,
-            special_tokens=["<unk>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>"
-    )
 
 
 def summary(report: dict) -> str:
@@ -99,7 +82,10 @@ def main(argv: list[str] | None = None):
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="mone-demo-"))
     texts = stdlib_text()
     model_path = build_tiny_moe(
-        "olmoe", work / "model", tokenizer=train_tokenizer(texts), **DEMO_MODEL
+        "olmoe",
+        work / "model",
+        tokenizer=train_tokenizer(texts, VOCAB_SIZE),
+        **DEMO_MODEL,
     )
     params_before = sum(
         p.numel() for p in AutoModelForCausalLM.from_pretrained(model_path).parameters()
