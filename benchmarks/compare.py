@@ -39,7 +39,7 @@ from train_models import build, full_setup, quick_setup
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mone_modifier import MoNEPruningModifier
-from mone_modifier.expert_packing import EXPERT_COUNT_KEYS
+from mone_modifier.checkpoint import write_expert_count
 
 SPARSITIES = (0.25, 0.5)
 
@@ -387,12 +387,7 @@ def fix_expert_count(directory: Path, model):
     """REAP's save keeps DeepSeek-V3's n_routed_experts at the unpruned count,
     so stock transformers cannot load it; write the count the experts have."""
     (count,) = {m.num_experts for _, m in get_linearized_moes(model)}
-    path = directory / "config.json"
-    config = json.loads(path.read_text())
-    for key in EXPERT_COUNT_KEYS:
-        if key in config:
-            config[key] = count
-    path.write_text(json.dumps(config, indent=2))
+    write_expert_count(directory, count)
 
 
 # -- report -------------------------------------------------------------------

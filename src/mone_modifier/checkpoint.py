@@ -32,7 +32,7 @@ from loguru import logger
 from mone_modifier.expert_packing import EXPERT_COUNT_KEYS, gpt_oss_repack_fix
 from mone_modifier.metadata import NOVICES_CONFIG_KEY, recorded_novices
 
-__all__ = ["install_checkpoint_writer"]
+__all__ = ["install_checkpoint_writer", "write_expert_count"]
 
 
 def install_checkpoint_writer(model: torch.nn.Module, dropped_to: int | None):
@@ -55,12 +55,12 @@ def install_checkpoint_writer(model: torch.nn.Module, dropped_to: int | None):
         try:
             if dropped_to is None:
                 save(staging, *args, **kwargs)
-                _edit_config(staging, _add_novices(recorded_novices(model.config)))
+                _write_novices(staging, recorded_novices(model.config))
             else:
                 with gpt_oss_repack_fix():
                     repack_moe(model)
                 save(staging, *args, **kwargs)
-                _edit_config(staging, _set_expert_count(dropped_to))
+                write_expert_count(staging, dropped_to)
             _publish(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -80,27 +80,27 @@ def _refuse_source_checkpoint(model: torch.nn.Module, target: Path):
             )
 
 
-def _edit_config(directory: Path, edit):
+def _config_in(directory: Path) -> tuple[Path, dict, dict]:
+    """``config.json``'s path, its content, and the part holding the text
+    model's fields (``text_config`` for multimodal configs)."""
     path = directory / "config.json"
     config = json.loads(path.read_text())
-    edit(config.get("text_config", config))
+    return path, config, config.get("text_config", config)
+
+
+def _write_novices(directory: Path, novices: dict[int, list[int]]):
+    path, config, text = _config_in(directory)
+    text[NOVICES_CONFIG_KEY] = {str(k): v for k, v in sorted(novices.items())}
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _add_novices(novices: dict[int, list[int]]):
-    def edit(config: dict):
-        config[NOVICES_CONFIG_KEY] = {str(k): v for k, v in sorted(novices.items())}
-
-    return edit
-
-
-def _set_expert_count(count: int):
-    def edit(config: dict):
-        for key in EXPERT_COUNT_KEYS:
-            if key in config:
-                config[key] = count
-
-    return edit
+def write_expert_count(directory: Path, count: int):
+    """Set every expert-count key of a saved ``config.json`` to ``count``."""
+    path, config, text = _config_in(directory)
+    for key in EXPERT_COUNT_KEYS:
+        if key in text:
+            text[key] = count
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _publish(staging: Path, target: Path):
