@@ -9,7 +9,11 @@ from functools import partial
 from typing import Any, Literal, Optional
 
 import torch
-from compressed_tensors.distributed import is_distributed, is_source_process
+from compressed_tensors.distributed import (
+    get_source_rank,
+    is_distributed,
+    is_source_process,
+)
 from compressed_tensors.offload import get_execution_device
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
@@ -41,7 +45,11 @@ from mone_modifier.scoring import (
 )
 from mone_modifier.stacking import forget_modules
 from mone_modifier.statistics import LayerStatistics, reduce_across_ranks
-from mone_modifier.validation import check_not_pruned, check_recipe_order
+from mone_modifier.validation import (
+    check_not_pruned,
+    check_rank_data,
+    check_recipe_order,
+)
 
 __all__ = ["MoNEPruningModifier"]
 
@@ -160,6 +168,7 @@ class MoNEPruningModifier(Modifier):
                 "oneshot(model=..., dataset=..., recipe=...)"
             )
         check_recipe_order(self)
+        check_rank_data(state.data.calib)
         check_not_pruned(state.model)
         self._moe = find_moe_layers(state.model, self.ignore)
         attrs = self._moe.attrs
@@ -287,12 +296,22 @@ class MoNEPruningModifier(Modifier):
             index: expert_scores(s, self.scoring, self.seed, index)
             for index, s in stats.items()
         }
-        novices = select_novices(
-            scores,
-            {index: s.is_routed.cpu() for index, s in stats.items()},
-            self._budget,
-            model_wide=self.scope == "model",
-        )
+        novices = None
+        if is_source_process():
+            novices = select_novices(
+                scores,
+                {index: s.is_routed.cpu() for index, s in stats.items()},
+                self._budget,
+                model_wide=self.scope == "model",
+            )
+        if is_distributed():
+            # one decision for all ranks, as REAP does, so that no rounding
+            # difference between ranks can ever make their models diverge
+            shared = [novices]
+            dist.broadcast_object_list(
+                shared, src=get_source_rank(), group=self._cpu_pg
+            )
+            novices = shared[0]
         for layer in layers:
             decision = self._apply(
                 model,

@@ -16,6 +16,9 @@ wrapped by llm-compressor for compression) so that a save
   keeps them), the native layout of each architecture, and the reduced
   expert count under every expert-count key the config uses, so stock
   transformers loads it.
+
+Under torchrun only the source rank writes; the others take part in
+llm-compressor's collective save and wait until the files are in place.
 """
 
 import json
@@ -26,8 +29,10 @@ from functools import wraps
 from pathlib import Path
 
 import torch
+from compressed_tensors.distributed import is_distributed, is_source_process
 from llmcompressor.modeling.moe.linearize import repack_moe
 from loguru import logger
+from torch import distributed as dist
 
 from mone_modifier.expert_packing import EXPERT_COUNT_KEYS, gpt_oss_repack_fix
 from mone_modifier.metadata import NOVICES_CONFIG_KEY, recorded_novices
@@ -48,22 +53,30 @@ def install_checkpoint_writer(model: torch.nn.Module, dropped_to: int | None):
     def save_pretrained(save_directory: str | os.PathLike, *args, **kwargs):
         target = Path(save_directory)
         _refuse_source_checkpoint(model, target)
+        if dropped_to is not None:
+            with gpt_oss_repack_fix():
+                repack_moe(model)
+        if not is_source_process():
+            # llm-compressor's save is collective but writes on the source
+            # rank only; this rank takes part and writes nothing
+            save(target, *args, **kwargs)
+            dist.barrier()
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(
             tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-")
         )
         try:
+            save(staging, *args, **kwargs)
             if dropped_to is None:
-                save(staging, *args, **kwargs)
                 _write_novices(staging, recorded_novices(model.config))
             else:
-                with gpt_oss_repack_fix():
-                    repack_moe(model)
-                save(staging, *args, **kwargs)
                 write_expert_count(staging, dropped_to)
             _publish(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if is_distributed():
+                dist.barrier()
         logger.info(f"MoNE checkpoint written to {target}")
 
     save_pretrained._mone_writer = True

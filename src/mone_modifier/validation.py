@@ -4,15 +4,18 @@ work, so a wrong set-up fails at once with the fix in the message.
 """
 
 import torch
+from compressed_tensors.distributed import is_distributed
 from llmcompressor.core import active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
+from torch import distributed as dist
+from torch.utils.data import DataLoader
 
 from mone_modifier.loading import NoviceMoEExperts
 from mone_modifier.metadata import recorded_novices
 from mone_modifier.novice import NoviceExpert
 
-__all__ = ["check_not_pruned", "check_recipe_order"]
+__all__ = ["check_not_pruned", "check_rank_data", "check_recipe_order"]
 
 
 def check_not_pruned(model: torch.nn.Module):
@@ -41,4 +44,28 @@ def check_recipe_order(modifier: Modifier):
         raise ValueError(
             f"MoNEPruningModifier comes after {', '.join(quantizers)} in the recipe. "
             f"Put it first: prune the experts, then quantize what remains."
+        )
+
+
+def check_rank_data(dataloader: DataLoader):
+    """
+    Under torchrun, refuse calibration data that every rank would read
+    identically. llm-compressor 0.14 partitions a dataset that all ranks
+    share, but its DataLoader indexes the whole dataset with the partition's
+    positions, so every rank calibrates on the first share: the statistics
+    would silently cover one share, counted once per rank.
+    """
+    fingerprint = getattr(dataloader.dataset, "_fingerprint", None)
+    if not is_distributed() or fingerprint is None:
+        return
+    fingerprints = [None] * dist.get_world_size()
+    dist.all_gather_object(fingerprints, fingerprint)
+    if len(set(fingerprints)) == 1:
+        raise ValueError(
+            "every rank was given the same calibration `dataset`, and "
+            "llm-compressor 0.14 would then calibrate every rank on the same "
+            "samples. Give each rank its own share, e.g. "
+            "dataset.shard(num_shards=dist.get_world_size(), "
+            "index=dist.get_rank(), contiguous=True), or load it with "
+            "split=get_rank_partition(split, num_samples)."
         )
