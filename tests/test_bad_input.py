@@ -5,6 +5,7 @@ any calibration work, and leaves the user's files untouched.
 
 import pytest
 import torch
+from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -182,3 +183,86 @@ def test_non_finite_expert_outputs(tiny_moe, samples, tmp_path):
     tiny_tokenizer().save_pretrained(path)
     with pytest.raises(ValueError, match=r"layer 0: experts \[3\] produced NaN or inf"):
         run_oneshot(path, samples, MoNEPruningModifier(sparsity=0.25))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("sparsity", "a quarter"),
+        ("sparsity", None),
+        ("scoring", 3),
+        ("ignore", "re:.*layers.0.*"),
+        ("report_path", 7),
+        ("seed", "zero"),
+    ],
+)
+def test_wrongly_typed_parameter_is_named(field, value):
+    with pytest.raises(ValueError, match=rf"(?s){field}\b.*(Input should|valid)"):
+        MoNEPruningModifier(**{"sparsity": 0.25, field: value})
+
+
+def oneshot_on(path, columns: dict, **kwargs):
+    return oneshot(
+        model=str(path),
+        dataset=Dataset.from_dict(columns),
+        recipe=MoNEPruningModifier(sparsity=0.25),
+        shuffle_calibration_samples=False,
+        **kwargs,
+    )
+
+
+def fails_on_data(path, columns, match, **kwargs):
+    before = tree_digest(path)
+    with pytest.raises(ValueError, match=match):
+        oneshot_on(path, columns, **kwargs)
+    assert tree_digest(path) == before
+
+
+def test_empty_dataset(tiny_moe, no_calibration):
+    fails_on_data(
+        tiny_moe("olmoe"),
+        {"input_ids": [], "attention_mask": []},
+        "calibration `dataset` is empty",
+    )
+
+
+def test_all_padding_dataset(tiny_moe, samples, no_calibration):
+    fails_on_data(
+        tiny_moe("olmoe"),
+        {
+            "input_ids": samples.tolist(),
+            "attention_mask": torch.zeros_like(samples).tolist(),
+        },
+        rf"samples {list(range(len(samples)))} of the `dataset` hold no real "
+        r"token \(empty, or all padding\)".replace("[", r"\[").replace("]", r"\]"),
+    )
+
+
+def test_empty_sample_among_real_ones(tiny_moe, samples, no_calibration):
+    rows = samples.tolist()
+    rows[2] = []
+    fails_on_data(
+        tiny_moe("olmoe"),
+        {"input_ids": rows, "attention_mask": rows},
+        r"samples \[2\] of the `dataset` hold no real token",
+    )
+
+
+def test_too_few_tokens_to_measure_the_experts(tiny_moe, no_calibration):
+    # 8 experts, top-2: 8 tokens give each expert two routed tokens at best
+    fails_on_data(
+        tiny_moe("olmoe"),
+        {"input_ids": [[5, 6, 7]], "attention_mask": [[1, 1, 1]]},
+        r"holds 3 tokens, too few to measure 8 experts routed top-2.* at least 8 "
+        r"tokens.*num_calibration_samples",
+    )
+
+
+def test_truncation_that_leaves_too_few_tokens(tiny_moe, samples, no_calibration):
+    # rows as long as needed, but only one short sample is asked for
+    fails_on_data(
+        tiny_moe("olmoe"),
+        {"input_ids": samples[:1, :3].tolist(), "attention_mask": [[1, 1, 1]]},
+        "too few to measure",
+        num_calibration_samples=1,
+    )

@@ -46,6 +46,7 @@ from mone_modifier.scoring import (
 from mone_modifier.stacking import forget_modules
 from mone_modifier.statistics import LayerStatistics, reduce_across_ranks
 from mone_modifier.validation import (
+    check_calibration_tokens,
     check_not_pruned,
     check_rank_data,
     check_recipe_order,
@@ -172,6 +173,7 @@ class MoNEPruningModifier(Modifier):
         check_not_pruned(state.model)
         self._moe = find_moe_layers(state.model, self.ignore)
         attrs = self._moe.attrs
+        check_calibration_tokens(state.data.calib, attrs.num_experts, attrs.top_k)
         self._budget = plan_budget(
             self.sparsity,
             attrs.num_experts,

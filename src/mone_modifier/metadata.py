@@ -66,82 +66,139 @@ def read_novices(config: PretrainedConfig, num_experts: int) -> dict[int, LayerN
     """
     Every pruned layer's novices from either layout, validated.
 
-    :raises ValueError: on both layouts at once, unknown formats, or ids that
-        are not distinct experts in ``[0, num_experts)`` leaving one retained
+    Layer indices and expert ids in keys are decimal strings (``"3"``, not
+    ``"03"``); ids in lists are JSON integers, so ``true`` or ``1.0`` is refused.
+
+    :raises ValueError: naming the part of the config at fault, on either
+        layout not having the documented shape, both layouts at once, unknown
+        formats, or ids that are not distinct experts in ``[0, num_experts)``
+        leaving one retained
     """
     text_config = _text_config(config)
     for key in IGNORED_CONFIG_KEYS:
         if getattr(text_config, key, None) is not None:
             logger.info(f"MoNE: ignoring {key} (for an optional inference-time update)")
-    approximate = getattr(text_config, NOVICES_CONFIG_KEY, None) or {}
-    compression = getattr(config, "quantization_config", None) or getattr(
-        config, "compression_config", None
+    approximate = _read_approximate(
+        getattr(text_config, NOVICES_CONFIG_KEY, None), num_experts
     )
-    substitution = ((compression or {}).get("transform_config") or {}).get(
-        "expert_substitution"
-    )
-    if approximate and substitution:
+    substitution = _expert_substitution(config)
+    if substitution is None:
+        return approximate
+    if approximate:
         raise ValueError(
             f"the config has both {NOVICES_CONFIG_KEY} and expert_substitution; "
             f"a MoNE checkpoint carries exactly one of them"
         )
-    if substitution:
-        layers = _read_substitution(substitution)
-        for layer, entry in layers.items():
-            _check_ids(list(entry.novices), layer, num_experts)
-    else:
-        layers = {}
-        for layer, ids in approximate.items():
-            ids = _as_ids(ids, layer)
-            _check_ids(ids, layer, num_experts)
-            layers[int(layer)] = LayerNovices(dict.fromkeys(ids))
+    return _read_substitution(substitution, num_experts)
+
+
+def _read_approximate(approximate, num_experts: int) -> dict[int, LayerNovices]:
+    if approximate is None:
+        return {}
+    layers = {}
+    for key, ids in _dict(approximate, NOVICES_CONFIG_KEY).items():
+        where = f"{NOVICES_CONFIG_KEY} layer {key!r}"
+        layer = _index(key, f"{NOVICES_CONFIG_KEY} layer")
+        layers[layer] = LayerNovices(dict.fromkeys(_ids(ids, where, num_experts)))
     return layers
 
 
-def _read_substitution(substitution: dict) -> dict[int, LayerNovices]:
-    if substitution.get("version") != 1:
+def _expert_substitution(config: PretrainedConfig):
+    """The raw ``expert_substitution`` entry, or None where there is none."""
+    key = "quantization_config"
+    if not getattr(config, key, None):
+        key = "compression_config"
+    compression = getattr(config, key, None)
+    if compression is None:
+        return None
+    if not isinstance(compression, dict) and hasattr(compression, "to_dict"):
+        # a transformers quantization config object, as after a quantized load
+        compression = compression.to_dict()
+    transform = _dict(compression, key).get("transform_config")
+    if transform is None:
+        return None
+    return _dict(transform, f"{key}.transform_config").get("expert_substitution")
+
+
+def _read_substitution(substitution, num_experts: int) -> dict[int, LayerNovices]:
+    substitution = _dict(substitution, "expert_substitution")
+    version = substitution.get("version")
+    if not _is_int(version) or version != 1:
         raise ValueError(
-            f"expert_substitution version {substitution.get('version')!r} is not "
-            f"supported (version 1 is)"
+            f"expert_substitution version {version!r} is not supported (version 1 is)"
         )
+    targets = _dict(substitution.get("targets"), "expert_substitution targets")
     layers = {}
-    for path, target in substitution.get("targets", {}).items():
+    for path, target in targets.items():
+        where = f"expert_substitution target {path!r}"
         if len(re.findall(r"(?:^|\.)\d+(?=\.|$)", path)) != 1:
-            raise ValueError(
-                f"expert_substitution target {path!r} must name one decoder layer"
-            )
+            raise ValueError(f"{where} must name one decoder layer")
+        target = _dict(target, where)
         if target.get("weight_layout") != "compact_retained_experts":
             raise ValueError(
-                f"expert_substitution target {path!r}: weight_layout "
-                f"{target.get('weight_layout')!r} is not supported "
-                f"(compact_retained_experts is)"
+                f"{where}: weight_layout {target.get('weight_layout')!r} is not "
+                f"supported (compact_retained_experts is)"
             )
+        replacements = _dict(target.get("replacements"), f"{where} replacements")
         novices = {}
-        for expert, replacement in target.get("replacements", {}).items():
+        for expert, replacement in replacements.items():
+            at = f"{where}, expert {expert!r}"
+            replacement = _dict(replacement, at)
             if replacement.get("format") != "constant-v1":
                 raise ValueError(
-                    f"expert_substitution target {path!r}, expert {expert}: format "
-                    f"{replacement.get('format')!r} is not supported (constant-v1 is)"
+                    f"{at}: format {replacement.get('format')!r} is not supported "
+                    f"(constant-v1 is)"
                 )
-            novices[_as_ids([expert], path)[0]] = replacement["tensors"]["value"]
-        layers[layer_index(path)] = LayerNovices(novices, compact=True)
+            name = _dict(replacement.get("tensors"), f"{at} tensors").get("value")
+            # None would silently mean the approximate_experts tensor name
+            if not isinstance(name, str) or not name:
+                raise ValueError(
+                    f"{at}: tensors.value must be a checkpoint tensor name, "
+                    f"got {name!r}"
+                )
+            novices[_index(expert, f"{where}: expert")] = name
+        _ids(list(novices), where, num_experts)
+        layer = layer_index(path)
+        if layer in layers:
+            # a second target of the layer would silently replace the first
+            raise ValueError(f"{where}: another target names layer {layer} too")
+        layers[layer] = LayerNovices(novices, compact=True)
     return layers
 
 
-def _as_ids(ids, where) -> list[int]:
-    try:
-        return [int(i) for i in ids]
-    except (TypeError, ValueError):
-        raise ValueError(f"novice ids of {where!r} must be integers, got {ids!r}")
+def _dict(value, where: str) -> dict:
+    """``value``, checked to be a dict with string keys (JSON objects are)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{where} must be a dict with string keys, got {value!r}")
+    return value
 
 
-def _check_ids(ids: list[int], layer: int, num_experts: int):
+def _index(key: str, what: str) -> int:
+    # only the canonical spelling: "01" beside "1" would silently overwrite it
+    if not re.fullmatch(r"0|[1-9][0-9]*", key):
+        raise ValueError(f"{what} {key!r} must be a non-negative integer like '3'")
+    return int(key)
+
+
+def _is_int(value) -> bool:
+    # bool is an int to Python, but true in a config is not an id or a version
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ids(ids, where: str, num_experts: int) -> list[int]:
+    """``ids``, checked to be distinct expert ids leaving one expert retained."""
+    # a string would iterate as digits and a float may be a rounded id: refuse both
+    if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
+        raise ValueError(
+            f"{where}: novices must be a list of integer expert ids, got {ids!r}"
+        )
     if (
         any(not 0 <= i < num_experts for i in ids)
         or len(set(ids)) != len(ids)
         or len(ids) >= num_experts
     ):
         raise ValueError(
-            f"layer {layer}: novices {ids} are not distinct expert ids in "
+            f"{where}: novices {list(ids)} are not distinct expert ids in "
             f"[0, {num_experts}) that leave at least one expert"
         )
+    return list(ids)

@@ -15,7 +15,12 @@ from mone_modifier.loading import NoviceMoEExperts
 from mone_modifier.metadata import recorded_novices
 from mone_modifier.novice import NoviceExpert
 
-__all__ = ["check_not_pruned", "check_rank_data", "check_recipe_order"]
+__all__ = [
+    "check_calibration_tokens",
+    "check_not_pruned",
+    "check_rank_data",
+    "check_recipe_order",
+]
 
 
 def check_not_pruned(model: torch.nn.Module):
@@ -68,4 +73,45 @@ def check_rank_data(dataloader: DataLoader):
             "dataset.shard(num_shards=dist.get_world_size(), "
             "index=dist.get_rank(), contiguous=True), or load it with "
             "split=get_rank_partition(split, num_samples)."
+        )
+
+
+def check_calibration_tokens(dataloader: DataLoader, num_experts: int, top_k: int):
+    """
+    Refuse calibration data that cannot measure the experts: none at all,
+    samples without a real token (llm-compressor fails on empty ones deep in
+    tracing, and MoNE would measure padding as text), or fewer routed tokens,
+    over all ranks, than two per expert (the least that gives a variance).
+    """
+    if len(dataloader) == 0:
+        raise ValueError(
+            "the calibration `dataset` is empty: pass samples, and a "
+            "`num_calibration_samples` of at least 1"
+        )
+    rows = dataloader.dataset
+    if "input_ids" not in getattr(rows, "column_names", ()):
+        return
+    lengths = (
+        [sum(mask) for mask in rows["attention_mask"]]
+        if "attention_mask" in rows.column_names
+        else [len(ids) for ids in rows["input_ids"]]
+    )
+    if empty := [i for i, length in enumerate(lengths) if length == 0]:
+        raise ValueError(
+            f"calibration samples {empty[:10]}{' ...' if len(empty) > 10 else ''} "
+            f"of the `dataset` hold no real token (empty, or all padding). "
+            f"Drop them, e.g. dataset.filter(lambda s: len(s['text'].strip()) > 0)"
+        )
+    tokens = sum(lengths)
+    if is_distributed():
+        counts = [0] * dist.get_world_size()
+        dist.all_gather_object(counts, tokens)
+        tokens = sum(counts)
+    if tokens * top_k < 2 * num_experts:
+        raise ValueError(
+            f"the calibration `dataset` holds {tokens} tokens, too few to measure "
+            f"{num_experts} experts routed top-{top_k}: each needs at least two "
+            f"routed tokens, so at least {-(-2 * num_experts // top_k)} tokens. "
+            f"Pass more or longer samples (`num_calibration_samples`, "
+            f"`max_seq_length`)"
         )
