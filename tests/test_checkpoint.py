@@ -1,9 +1,11 @@
 """Saving pruned models: layout, metadata, size, drop exports, safety."""
 
+import errno
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from llmcompressor.modeling.moe.linearize import linearize_moe
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+import mone_modifier
 from helpers import novice_vectors, run_oneshot, tree_digest
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.tiny_moe import NUM_EXPERTS
@@ -176,3 +179,52 @@ def test_refuses_to_save_over_its_source(tiny_moe, samples, tmp_path):
     with pytest.raises(ValueError, match="over the checkpoint it was loaded from"):
         pruned.save_pretrained(source)
     assert tree_digest(source) == before
+
+
+def test_disk_full_while_writing_weights(tiny_moe, samples, tmp_path, monkeypatch):
+    model = run_oneshot(tiny_moe("olmoe"), samples, MoNEPruningModifier(sparsity=0.25))
+    model.save_pretrained(tmp_path / "old")
+    before = tree_digest(tmp_path / "old")
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1024)  # what fit before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", disk_full)
+    for target in (tmp_path / "new", tmp_path / "old"):
+        with pytest.raises(OSError, match="No space left"):
+            model.save_pretrained(target)
+    assert not (tmp_path / "new").exists()
+    assert tree_digest(tmp_path / "old") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_existing_output_directory_is_replaced_but_other_files_kept(
+    tiny_moe, samples, tmp_path
+):
+    model = run_oneshot(tiny_moe("olmoe"), samples, MoNEPruningModifier(sparsity=0.25))
+    out = tmp_path / "out"
+    out.mkdir()
+    # an older, sharded checkpoint of another model, and the user's own notes
+    for name in (
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "config.json",
+    ):
+        (out / name).write_text("stale")
+    (out / "README.md").write_text("my notes")
+    model.save_pretrained(out)
+    names = sorted(p.name for p in out.iterdir())
+    assert "README.md" in names and (out / "README.md").read_text() == "my notes"
+    assert [n for n in names if n.endswith((".safetensors", ".json", ".bin"))] == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    reloaded = mone_modifier.from_pretrained(out)
+    with torch.no_grad():
+        expected = model(input_ids=samples).logits
+        logits = reloaded(input_ids=samples).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)

@@ -8,6 +8,8 @@ wrapped by llm-compressor for compression) so that a save
 - writes into a temporary directory beside the target and moves the files in
   at the end, ``config.json`` last, so an interrupted save never leaves a
   directory that looks like a complete checkpoint;
+- into an existing directory: replaces the checkpoint there (config and
+  every weight file) and keeps other files;
 - with novices: records ``approximate_experts`` in ``config.json`` after
   llm-compressor has rewritten it from the original config (which drops
   fields set during pruning); tensors are already in that layout: retained
@@ -38,6 +40,13 @@ from mone_modifier.expert_packing import EXPERT_COUNT_KEYS, gpt_oss_repack_fix
 from mone_modifier.metadata import NOVICES_CONFIG_KEY, recorded_novices
 
 __all__ = ["install_checkpoint_writer", "write_expert_count"]
+
+WEIGHT_FILE_SUFFIXES = (
+    ".safetensors",
+    ".safetensors.index.json",
+    ".bin",
+    ".bin.index.json",
+)
 
 
 def install_checkpoint_writer(model: torch.nn.Module, dropped_to: int | None):
@@ -117,10 +126,17 @@ def write_expert_count(directory: Path, count: int):
 
 
 def _publish(staging: Path, target: Path):
-    """Move the staged checkpoint into ``target``, keeping unrelated files
-    there; a stale ``config.json`` goes first and the new one comes last."""
+    """
+    Move the staged checkpoint into ``target``. A previous checkpoint there is
+    replaced whole: its ``config.json`` goes first, then its weight files (a
+    stale shard or index would otherwise be loaded with the new ones); files
+    of other kinds are kept. The new ``config.json`` comes last.
+    """
     target.mkdir(parents=True, exist_ok=True)
     (target / "config.json").unlink(missing_ok=True)
+    for stale in target.iterdir():
+        if stale.is_file() and stale.name.endswith(WEIGHT_FILE_SUFFIXES):
+            stale.unlink()
     files = sorted(staging.iterdir(), key=lambda p: p.name == "config.json")
     for file in files:
         destination = target / file.name
