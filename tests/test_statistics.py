@@ -171,7 +171,7 @@ def test_frequency_counts_weight_not_selection():
 # -- dtypes -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_inputs_accumulate_in_float64(dtype):
     data = make_data(tokens=600, num_experts=4, top_k=2, hidden=8, seed=3)
     # the reference sees exactly the values the statistics receive
