@@ -1,0 +1,154 @@
+"""
+Peak memory of oneshot on a MoE that does not fit the memory the run may use:
+MoNE against a modifier that does nothing, on the same offloaded model,
+pipeline and data.
+
+    python benchmarks/offload_memory.py [--quick] [--out benchmarks/results]
+
+Builds an OLMoE-style model with random weights several times larger than
+``--cpu-budget``, loads it the way llm-compressor loads models too big for
+memory (``load_offloaded_model`` with ``device_map="auto_offload"``: what does
+not fit the budget is offloaded to disk), and runs the sequential pipeline,
+which onloads one decoder layer at a time. Each run is a fresh process; its
+peak resident memory (``ru_maxrss``, which counts the pages of offloaded
+weights read from disk too) is the figure. MoNE must stay close to the
+no-op run: it keeps only float64 statistics of size layers x experts x
+hidden, and replaces experts without onloading the others.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from compressed_tensors.offload import load_offloaded_model
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers import Modifier
+from transformers import AutoModelForCausalLM, OlmoeConfig
+
+from mone_modifier import MoNEPruningModifier
+from mone_modifier.tiny_moe import calibration_ids, tiny_tokenizer
+
+FULL = dict(layers=8, experts=32, hidden=512, intermediate=1024, budget_mb=300)
+QUICK = dict(layers=4, experts=16, hidden=256, intermediate=512, budget_mb=40)
+SAMPLES, SEQ_LEN = 16, 128
+
+
+class NoOp(Modifier):
+    """A calibration modifier that does nothing: the pipeline's own cost."""
+
+    requires_calibration_data: bool = True
+
+    def on_initialize(self, state, **kwargs) -> bool:
+        return True
+
+
+def build(path: Path, size: dict) -> int:
+    """Save a random OLMoE-style model; returns its weight bytes."""
+    config = OlmoeConfig(
+        vocab_size=96,
+        hidden_size=size["hidden"],
+        intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=size["experts"],
+        num_experts_per_tok=4,
+        max_position_embeddings=SEQ_LEN,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def run_child(method: str, path: Path, budget_mb: int, offload: Path) -> dict:
+    with load_offloaded_model():
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            device_map="auto_offload",
+            max_memory={"cpu": budget_mb * 2**20},
+            offload_folder=str(offload),
+        )
+    samples = calibration_ids(SAMPLES, SEQ_LEN)
+    dataset = Dataset.from_dict(
+        {
+            "input_ids": samples.tolist(),
+            "attention_mask": torch.ones_like(samples).tolist(),
+        }
+    )
+    modifier = NoOp() if method == "noop" else MoNEPruningModifier(sparsity=0.25)
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=dataset,
+        recipe=[modifier],
+        num_calibration_samples=SAMPLES,
+        pipeline="sequential",
+        shuffle_calibration_samples=False,
+    )
+    return {
+        "offloaded_to_disk_mb": sum(
+            f.stat().st_size for f in offload.rglob("*") if f.is_file()
+        )
+        / 2**20,
+        "oneshot_s": time.perf_counter() - start,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def measure(method: str, path: Path, budget_mb: int, work: Path) -> dict:
+    offload = Path(tempfile.mkdtemp(dir=work, prefix=f"offload-{method}-"))
+    command = [sys.executable, __file__, "--child", method, str(path)]
+    command += [str(budget_mb), str(offload)]
+    output = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        method, path, budget, offload = args.child
+        print(json.dumps(run_child(method, Path(path), int(budget), Path(offload))))
+        return
+    size = QUICK if args.quick else FULL
+    with tempfile.TemporaryDirectory(prefix="mone-offload-") as work:
+        work = Path(work)
+        weight_bytes = build(work / "model", size)
+        runs = {
+            method: measure(method, work / "model", size["budget_mb"], work)
+            for method in ("noop", "mone")
+        }
+    result = {
+        "machine": f"{platform.machine()}, torch {torch.__version__}",
+        "command": "python benchmarks/offload_memory.py"
+        + (" --quick" if args.quick else ""),
+        "model": size,
+        "weights_mb": weight_bytes / 2**20,
+        "runs": runs,
+        "peak_ratio_mone_vs_noop": runs["mone"]["peak_rss_mb"]
+        / runs["noop"]["peak_rss_mb"],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"offload_memory{'_quick' if args.quick else ''}.json"
+    (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
