@@ -238,12 +238,16 @@ def test_all_padding_dataset(tiny_moe, samples, no_calibration):
     )
 
 
-def test_empty_sample_among_real_ones(tiny_moe, samples, no_calibration):
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_empty_sample_among_real_ones(with_mask, tiny_moe, samples, no_calibration):
     rows = samples.tolist()
     rows[2] = []
+    columns = {"input_ids": rows}
+    if with_mask:
+        columns["attention_mask"] = [[1] * len(row) for row in rows]
     fails_on_data(
         tiny_moe("olmoe"),
-        {"input_ids": rows, "attention_mask": rows},
+        columns,
         r"samples \[2\] of the `dataset` hold no real token",
     )
 

@@ -3,8 +3,11 @@ Checks on the model and the recipe that MoNE runs before any calibration
 work, so a wrong set-up fails at once with the fix in the message.
 """
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from compressed_tensors.distributed import is_distributed
+from datasets import Dataset
 from llmcompressor.core import active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
@@ -91,18 +94,14 @@ def check_calibration_tokens(dataloader: DataLoader, num_experts: int, top_k: in
     rows = dataloader.dataset
     if "input_ids" not in getattr(rows, "column_names", ()):
         return
-    lengths = (
-        [sum(mask) for mask in rows["attention_mask"]]
-        if "attention_mask" in rows.column_names
-        else [len(ids) for ids in rows["input_ids"]]
-    )
-    if empty := [i for i, length in enumerate(lengths) if length == 0]:
+    lengths = _real_tokens_per_row(rows)
+    if empty := np.flatnonzero(lengths == 0).tolist():
         raise ValueError(
             f"calibration samples {empty[:10]}{' ...' if len(empty) > 10 else ''} "
             f"of the `dataset` hold no real token (empty, or all padding). "
             f"Drop them, e.g. dataset.filter(lambda s: len(s['text'].strip()) > 0)"
         )
-    tokens = sum(lengths)
+    tokens = int(lengths.sum())
     if is_distributed():
         counts = [0] * dist.get_world_size()
         dist.all_gather_object(counts, tokens)
@@ -115,3 +114,15 @@ def check_calibration_tokens(dataloader: DataLoader, num_experts: int, top_k: in
             f"Pass more or longer samples (`num_calibration_samples`, "
             f"`max_seq_length`)"
         )
+
+
+def _real_tokens_per_row(rows: Dataset) -> np.ndarray:
+    """Tokens under the attention mask (or all tokens) of every row, counted
+    in arrow: a calibration set can hold millions of tokens."""
+    table = rows.with_format("arrow")
+    if "attention_mask" not in rows.column_names:
+        return pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False)
+    masks = table["attention_mask"].combine_chunks()
+    flat = pc.list_flatten(masks).to_numpy(zero_copy_only=False)
+    row_of = pc.list_parent_indices(masks).to_numpy(zero_copy_only=False)
+    return np.bincount(row_of, weights=flat, minlength=len(masks)).astype(np.int64)
