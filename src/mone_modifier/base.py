@@ -298,22 +298,7 @@ class MoNEPruningModifier(Modifier):
             index: expert_scores(s, self.scoring, self.seed, index)
             for index, s in stats.items()
         }
-        novices = None
-        if is_source_process():
-            novices = select_novices(
-                scores,
-                {index: s.is_routed.cpu() for index, s in stats.items()},
-                self._budget,
-                model_wide=self.scope == "model",
-            )
-        if is_distributed():
-            # one decision for all ranks, as REAP does, so that no rounding
-            # difference between ranks can ever make their models diverge
-            shared = [novices]
-            dist.broadcast_object_list(
-                shared, src=get_source_rank(), group=self._cpu_pg
-            )
-            novices = shared[0]
+        novices = self._choose(stats, scores)
         for layer in layers:
             decision = self._apply(
                 model,
@@ -323,6 +308,28 @@ class MoNEPruningModifier(Modifier):
                 novices[layer.index],
             )
             self._decisions.append(decision)
+
+    def _choose(
+        self, stats: dict[int, LayerStatistics], scores: dict[int, torch.Tensor]
+    ) -> dict[int, list[int]]:
+        """Each layer's novices, chosen once on the source rank and broadcast
+        (as REAP does), so no rounding difference between ranks can ever make
+        their models diverge."""
+        novices = None
+        if is_source_process():
+            novices = select_novices(
+                scores,
+                {index: s.is_routed.cpu() for index, s in stats.items()},
+                self._budget,
+                model_wide=self.scope == "model",
+            )
+        if is_distributed():
+            shared = [novices]
+            dist.broadcast_object_list(
+                shared, src=get_source_rank(), group=self._cpu_pg
+            )
+            novices = shared[0]
+        return novices
 
     def _apply(
         self,
