@@ -14,10 +14,11 @@ time. Each run is a fresh process. MoNE must stay close to the no-op run: it
 keeps only float64 statistics of size layers x experts x hidden, and replaces
 experts without onloading the others.
 
-Peak resident memory is sampled during oneshot only (``oneshot_peak_rss_mb``);
-it counts the page cache of offloaded weights read back from disk, so it can
-exceed the budget. Loading is reported apart (``load_peak_rss_mb``): it is
-the same for both runs and not MoNE's.
+Peak memory is sampled during oneshot only: resident (``oneshot_peak_rss_mb``,
+which counts the pages of the mmapped offloaded weights as they are read, so
+it can exceed the budget) and its anonymous part (``..._anonymous_mb``: the
+heap of tensors, MoNE's statistics included). Loading is reported apart
+(``load_peak_rss_mb``): it is the same for both runs and not MoNE's.
 """
 
 import argparse
@@ -31,10 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from compare import NoOp
-from compressed_tensors.offload import load_offloaded_model
+from compressed_tensors.offload import get_offloaded_device, load_offloaded_model
 from datasets import Dataset
 from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM, OlmoeConfig
@@ -70,25 +70,48 @@ def build(path: Path, size: dict) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled
-    every 5 ms (``ru_maxrss`` cannot be reset after loading)."""
+def resident_mb() -> tuple[float, float]:
+    """This process's resident memory, all of it and its anonymous part (the
+    heap, without file pages such as the mmapped offloaded weights), in MB."""
+    status = Path("/proc/self/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon"))
 
-    def __enter__(self) -> "PeakRSS":
-        self.peak = psutil.Process().memory_info().rss
+
+class PeakMemory:
+    """Peak resident memory while the block runs, sampled every 5 ms
+    (``ru_maxrss`` cannot be reset after loading)."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.rss_mb, self.anon_mb = resident_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self):
-        process = psutil.Process()
         while not self._stop.wait(0.005):
-            self.peak = max(self.peak, process.memory_info().rss)
+            rss, anon = resident_mb()
+            self.rss_mb, self.anon_mb = max(self.rss_mb, rss), max(self.anon_mb, anon)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def disk_offloaded_mb(model: torch.nn.Module) -> float:
+    """Weights the loaded model keeps on disk, from the offload caches'
+    entries (meta tensors for disk), without onloading them."""
+    return (
+        sum(
+            tensor.numel() * tensor.element_size()
+            for module in model.modules()
+            if get_offloaded_device(module) == "disk"
+            for tensor in module._parameters.offloaded_values.values()
+            if tensor is not None
+        )
+        / 2**20
+    )
 
 
 def run_child(method: str, path: Path, budget_mb: int, offload: Path) -> dict:
@@ -107,9 +130,10 @@ def run_child(method: str, path: Path, budget_mb: int, offload: Path) -> dict:
         }
     )
     modifier = NoOp() if method == "noop" else MoNEPruningModifier(sparsity=0.25)
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    on_disk = disk_offloaded_mb(model)
     start = time.perf_counter()
-    with PeakRSS() as oneshot_peak:
+    with PeakMemory() as peak:
         oneshot(
             model=model,
             dataset=dataset,
@@ -118,11 +142,11 @@ def run_child(method: str, path: Path, budget_mb: int, offload: Path) -> dict:
             pipeline="sequential",
             shuffle_calibration_samples=False,
         )
-    on_disk = sum(f.stat().st_blocks * 512 for f in offload.rglob("*") if f.is_file())
     return {
-        "offloaded_to_disk_mb": on_disk / 2**20,
-        "load_peak_rss_mb": load_peak / 2**20,
-        "oneshot_peak_rss_mb": oneshot_peak.peak / 2**20,
+        "weights_on_disk_mb": on_disk,
+        "load_peak_rss_mb": load_peak,
+        "oneshot_peak_rss_mb": peak.rss_mb,
+        "oneshot_peak_anonymous_mb": peak.anon_mb,
         "oneshot_s": time.perf_counter() - start,
     }
 
@@ -160,8 +184,11 @@ def main(argv=None):
         "model": size,
         "weights_mb": weight_bytes / 2**20,
         "runs": runs,
-        "oneshot_peak_ratio_mone_vs_noop": runs["mone"]["oneshot_peak_rss_mb"]
-        / runs["noop"]["oneshot_peak_rss_mb"],
+        "oneshot_peak_ratio_mone_vs_noop": {
+            kind: runs["mone"][f"oneshot_peak_{kind}"]
+            / runs["noop"][f"oneshot_peak_{kind}"]
+            for kind in ("rss_mb", "anonymous_mb")
+        },
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"offload_memory{'_quick' if args.quick else ''}.json"
