@@ -16,7 +16,6 @@ import json
 import math
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -329,8 +328,16 @@ def oneshot_cost(model_path: Path, method: str, plan: "Plan", seq_len: int) -> d
     )
     modifiers = [NoOp()] if method == "noop" else method_modifiers(method, 0.25)
     _, seconds = prune(model_path, modifiers, data, seq_len)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"oneshot_s": seconds, "peak_rss_mb": peak_kib / 1024}
+    return {"oneshot_s": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Not ``ru_maxrss``: Linux carries
+    that over from the forked parent across exec, so a child launched by a
+    large parent reports the parent's size."""
+    status = Path("/proc/self/status").read_text()
+    (line,) = [line for line in status.splitlines() if line.startswith("VmHWM:")]
+    return int(line.split()[1]) / 1024
 
 
 class PhaseTimer:

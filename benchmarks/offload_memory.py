@@ -24,7 +24,6 @@ heap of tensors, MoNE's statistics included). Loading is reported apart
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from compare import NoOp
+from compare import NoOp, peak_rss_mb
 from compressed_tensors.offload import get_offloaded_device, load_offloaded_model
 from datasets import Dataset
 from llmcompressor import oneshot
@@ -80,7 +79,7 @@ def resident_mb() -> tuple[float, float]:
 
 class PeakMemory:
     """Peak resident memory while the block runs, sampled every 5 ms
-    (``ru_maxrss`` cannot be reset after loading)."""
+    (the process's peak cannot be reset after loading)."""
 
     def __enter__(self) -> "PeakMemory":
         self.rss_mb, self.anon_mb = resident_mb()
@@ -130,7 +129,7 @@ def run_child(method: str, path: Path, budget_mb: int, offload: Path) -> dict:
         }
     )
     modifier = NoOp() if method == "noop" else MoNEPruningModifier(sparsity=0.25)
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load_peak = peak_rss_mb()
     on_disk = disk_offloaded_mb(model)
     start = time.perf_counter()
     with PeakMemory() as peak:
