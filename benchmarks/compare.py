@@ -331,13 +331,19 @@ def oneshot_cost(model_path: Path, method: str, plan: "Plan", seq_len: int) -> d
     return {"oneshot_s": seconds, "peak_rss_mb": peak_rss_mb()}
 
 
+def process_memory_mb(*fields: str) -> tuple[float, ...]:
+    """Fields of this process's ``/proc/self/status`` (``VmRSS``, ``RssAnon``,
+    ``VmHWM``, ...), in MB."""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    status = dict(line.split(":", 1) for line in lines)
+    return tuple(int(status[field].split()[0]) / 1024 for field in fields)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory. Not ``ru_maxrss``: Linux carries
     that over from the forked parent across exec, so a child launched by a
     large parent reports the parent's size."""
-    status = Path("/proc/self/status").read_text()
-    (line,) = [line for line in status.splitlines() if line.startswith("VmHWM:")]
-    return int(line.split()[1]) / 1024
+    return process_memory_mb("VmHWM")[0]
 
 
 class PhaseTimer:

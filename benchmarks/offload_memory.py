@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from compare import NoOp, peak_rss_mb
+from compare import NoOp, peak_rss_mb, process_memory_mb
 from compressed_tensors.offload import get_offloaded_device, load_offloaded_model
 from datasets import Dataset
 from llmcompressor import oneshot
@@ -69,20 +69,14 @@ def build(path: Path, size: dict) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def resident_mb() -> tuple[float, float]:
-    """This process's resident memory, all of it and its anonymous part (the
-    heap, without file pages such as the mmapped offloaded weights), in MB."""
-    status = Path("/proc/self/status").read_text()
-    fields = dict(line.split(":", 1) for line in status.splitlines())
-    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon"))
-
-
 class PeakMemory:
-    """Peak resident memory while the block runs, sampled every 5 ms
-    (the process's peak cannot be reset after loading)."""
+    """Peak resident memory while the block runs, all of it and its anonymous
+    part (the heap, without file pages such as the mmapped offloaded
+    weights), sampled every 5 ms (the process's peak cannot be reset after
+    loading)."""
 
     def __enter__(self) -> "PeakMemory":
-        self.rss_mb, self.anon_mb = resident_mb()
+        self.rss_mb, self.anon_mb = process_memory_mb("VmRSS", "RssAnon")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -90,7 +84,7 @@ class PeakMemory:
 
     def _sample(self):
         while not self._stop.wait(0.005):
-            rss, anon = resident_mb()
+            rss, anon = process_memory_mb("VmRSS", "RssAnon")
             self.rss_mb, self.anon_mb = max(self.rss_mb, rss), max(self.anon_mb, anon)
 
     def __exit__(self, *exc):
