@@ -65,9 +65,9 @@ def calibrate(model_path: Path, texts: list[str], recipe, out: Path, samples: in
 def forward_speed(models: dict, batches: list[torch.Tensor], repeats: int) -> dict:
     """
     Per model: median tokens/s, and its speed against ``unpruned`` as the
-    median (and range) of per-repeat ratios. In each repeat every model runs
-    the same batches back to back, in rotating order, so machine noise hits
-    the models of one repeat alike.
+    median (and interquartile range) of per-repeat ratios. In each repeat
+    every model runs the same batches back to back, in rotating order, so
+    machine noise hits the models of one repeat alike.
     """
     names = list(models)
     seconds = {name: [] for name in names}
@@ -85,10 +85,11 @@ def forward_speed(models: dict, batches: list[torch.Tensor], repeats: int) -> di
     speed = {}
     for name in names:
         ratios = [u / t for u, t in zip(seconds["unpruned"], seconds[name])]
+        quartiles = statistics.quantiles(ratios, n=4)
         speed[name] = {
             "tokens_per_s": tokens / statistics.median(seconds[name]),
             "speed_ratio": statistics.median(ratios),
-            "speed_ratio_range": [min(ratios), max(ratios)],
+            "speed_ratio_iqr": [quartiles[0], quartiles[2]],
         }
     return speed
 
@@ -149,11 +150,11 @@ def main(argv=None):
         ratio = f"{size / sizes[base]:.3f}" if base else "1"
         print(f"| {name} | {size:,} | {base or '-'} | {ratio} |")
     print()
-    print("| experts implementation | model | tokens/s | speed vs unpruned (range) |")
+    print("| experts implementation | model | tokens/s | speed vs unpruned (IQR) |")
     print("| --- | --- | ---: | ---: |")
     for implementation, rows in speed.items():
         for name, row in rows.items():
-            low, high = row["speed_ratio_range"]
+            low, high = row["speed_ratio_iqr"]
             print(
                 f"| {implementation} | {name} | {row['tokens_per_s']:.0f} | "
                 f"{row['speed_ratio']:.2f} ({low:.2f}-{high:.2f}) |"

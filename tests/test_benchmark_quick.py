@@ -88,3 +88,60 @@ def test_real_scale_script_on_a_tiny_local_model(
         real_scale.calibration_samples(
             real_scale.parse_args(["--out", "x", "--dataset", str(data)])
         )
+
+
+def test_choice_task_rows_are_true_continuations(tmp_path, monkeypatch):
+    """Each question's labelled choice continues its own held-out passage; the
+    three others are continuations of other passages of the same domain."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from compare import choice_task
+    from data import DOMAINS, load_domain
+
+    domains = {name: load_domain(name) for name in DOMAINS}
+    choice_task(domains, tmp_path, questions=20)
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "continuation_choice.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 20
+    heldout = {name: "\n".join(d.documents("heldout")) for name, d in domains.items()}
+    for row in rows:
+        choices, label = row["choices"], row["label"]
+        assert len(set(choices)) == 4 and all(c.startswith(" ") for c in choices)
+        (domain,) = [n for n, t in heldout.items() if row["context"] in t]
+        assert row["context"] + choices[label] in heldout[domain]
+        for i, choice in enumerate(choices):
+            assert choice in heldout[domain]
+            if i != label:
+                assert row["context"] + choice not in heldout[domain]
+    task = (tmp_path / "continuation_choice.yaml").read_text()
+    assert "acc_mutual_info" in task and 'target_delimiter: ""' in task
+
+
+def test_offload_memory_quick(tmp_path):
+    """benchmarks/offload_memory.py runs end to end on a disk-offloaded model."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "offload_memory.py"),
+            "--quick",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result = json.loads((tmp_path / "offload_memory_quick.json").read_text())
+    for method in ("noop", "mone"):
+        (run,) = result["runs"][method]
+        assert run["weights_on_disk_mb"] > 0.9 * result["weights_mb"]
+        assert 0 < run["oneshot_anonymous_growth_mb"] < run["oneshot_peak_anonymous_mb"]
+        assert run == result["median"][method]
+    assert set(result["oneshot_peak_ratio_mone_vs_noop"]) == {
+        "rss_mb",
+        "anonymous_mb",
+        "anonymous_growth_mb",
+    }
