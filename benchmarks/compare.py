@@ -110,7 +110,7 @@ class Plan:
     choice_questions: int
 
 
-# sized to finish in about 70 minutes on 2 CPU cores; 500 characters (about
+# sized to finish in about an hour on 2 CPU cores; 500 characters (about
 # 120 tokens) is the longest sample of which the prose calibration split
 # holds 256
 FULL = Plan(
@@ -398,8 +398,8 @@ def size_and_speed(model_path, plan, domains, seq_len, evaluate, work) -> dict:
                 fix_expert_count(work / name, model)
             sizes[name] = checkpoint_bytes(work / name)
             models[name] = mone_modifier.from_pretrained(work / name)
-    # about a second of work per model and repeat, so timer and scheduler
-    # noise stay small against it
+    # about 0.4 s of work per model and repeat on 2 CPU cores, so timer and
+    # scheduler noise stay small against it
     windows = evaluate.windows[DOMAINS[0]][:16]
     speed = forward_speed(models, list(windows.split(4)), 5 if plan is QUICK else 21)
     return {

@@ -60,6 +60,12 @@ from mone_modifier.tiny_moe import calibration_ids, tiny_tokenizer
 FULL = dict(layers=8, experts=32, hidden=512, intermediate=1024, budget_mb=300)
 QUICK = dict(layers=4, experts=16, hidden=256, intermediate=512, budget_mb=40)
 SAMPLES, SEQ_LEN = 16, 128
+# name in the JSON's ratios -> the measured field
+RATIOS = {
+    "rss_mb": "oneshot_peak_rss_mb",
+    "anonymous_mb": "oneshot_peak_anonymous_mb",
+    "anonymous_growth_mb": "oneshot_anonymous_growth_mb",
+}
 
 
 def build(path: Path, size: dict) -> int:
@@ -133,6 +139,7 @@ def run_child(method: str, path: Path, budget_mb: int, offload: Path) -> dict:
             offload_folder=str(offload),
         )
     linearize_moe(model)
+    # give back the heap linearisation freed, which glibc would otherwise keep
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     samples = calibration_ids(SAMPLES, SEQ_LEN)
     dataset = Dataset.from_dict(
@@ -208,13 +215,8 @@ def main(argv=None):
         "runs": runs,
         "median": median,
         "oneshot_peak_ratio_mone_vs_noop": {
-            kind: median["mone"][f"oneshot_peak_{kind}"]
-            / median["noop"][f"oneshot_peak_{kind}"]
-            for kind in ("rss_mb", "anonymous_mb")
-        }
-        | {
-            "anonymous_growth_mb": median["mone"]["oneshot_anonymous_growth_mb"]
-            / median["noop"]["oneshot_anonymous_growth_mb"]
+            kind: median["mone"][field] / median["noop"][field]
+            for kind, field in RATIOS.items()
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)

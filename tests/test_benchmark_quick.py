@@ -16,20 +16,14 @@ from helpers import write_choice_task
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
+def run_quick(script: str, out: Path, *args: str):
+    command = [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)]
+    subprocess.run(command + list(args), check=True, capture_output=True, text=True)
+
+
 def test_quick_benchmark(tmp_path):
     pytest.importorskip("lm_eval")
-    subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "compare.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    run_quick("compare.py", tmp_path)
     results = json.loads((tmp_path / "results_quick.json").read_text())
     assert set(results["models"]) == {"olmoe", "deepseek"}
     for name, result in results["models"].items():
@@ -120,20 +114,7 @@ def test_choice_task_rows_are_true_continuations(tmp_path, monkeypatch):
 
 def test_offload_memory_quick(tmp_path):
     """benchmarks/offload_memory.py runs end to end on a disk-offloaded model."""
-    subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "offload_memory.py"),
-            "--quick",
-            "--repeats",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    run_quick("offload_memory.py", tmp_path, "--repeats", "1")
     result = json.loads((tmp_path / "offload_memory_quick.json").read_text())
     for method in ("noop", "mone"):
         (run,) = result["runs"][method]

@@ -19,11 +19,9 @@ from mone_modifier import MoNEPruningModifier
 CLEAR_GAP = {torch.bfloat16: 0.05, torch.float16: 0.01}
 
 
-def prune(path, samples, dtype, report, family_scope):
+def prune(path, samples, dtype, report):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    modifier = MoNEPruningModifier(
-        sparsity=0.25, scope=family_scope, report_path=str(report)
-    )
+    modifier = MoNEPruningModifier(sparsity=0.25, report_path=str(report))
     pruned = run_oneshot(model, samples, modifier, pipeline="sequential")
     return pruned, read_report(report)
 
@@ -34,8 +32,8 @@ def test_low_precision_chooses_float32_experts(
     family, dtype, tiny_moe, samples, tmp_path
 ):
     path = tiny_moe(family)
-    _, full = prune(path, samples, torch.float32, tmp_path / "fp32.json", "layer")
-    low_model, low = prune(path, samples, dtype, tmp_path / "low.json", "layer")
+    _, full = prune(path, samples, torch.float32, tmp_path / "fp32.json")
+    low_model, low = prune(path, samples, dtype, tmp_path / "low.json")
 
     compared = 0
     for layer_full, layer_low in zip(full["layers"], low["layers"], strict=True):
