@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PretrainedConfig
 
-from mone_modifier.metadata import (
+from mone_format import (
     LayerNovices,
     read_novices,
     record_novices,

@@ -25,10 +25,10 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import distributed as dist
 
+from mone_format import record_novices
 from mone_modifier import sequential_tracing
 from mone_modifier.calibration import RoutedBatch
 from mone_modifier.checkpoint import install_checkpoint_writer
-from mone_modifier.metadata import record_novices
 from mone_modifier.moe_layers import MoELayer, MoEModel, find_moe_layers
 from mone_modifier.novice import (
     NoviceKind,
@@ -84,6 +84,12 @@ class MoNEPruningModifier(Modifier):
     :param report_path: optional ``.json`` path for the per-layer report; a
         heatmap ``.png`` is written next to it
     :param seed: seed of ``scoring: random``
+    :param stock_architectures: a saved checkpoint with novices names its
+        model's own ``architectures`` (``OlmoeForCausalLM``), for engines that
+        read the novice layouts natively; by default it names
+        ``MoNEOlmoeForCausalLM``, which only the mone-vllm plugin serves, so
+        a stock vLLM refuses the checkpoint instead of serving its missing
+        experts as uninitialised memory
 
     Example recipe::
 
@@ -102,6 +108,7 @@ class MoNEPruningModifier(Modifier):
     ignore: list[str] = Field(default_factory=list)
     report_path: Optional[str] = None
     seed: int = 0
+    stock_architectures: bool = False
 
     _moe: MoEModel | None = PrivateAttr(default=None)
     _budget: PruningBudget | None = PrivateAttr(default=None)
@@ -125,7 +132,7 @@ class MoNEPruningModifier(Modifier):
                     raise ValueError(
                         f"MoNEPruningModifier has no parameter {key!r}.{hint} "
                         f"Its parameters: sparsity, scoring, scope, novice, "
-                        f"ignore, report_path, seed."
+                        f"ignore, report_path, seed, stock_architectures."
                     )
         return data
 
@@ -241,7 +248,9 @@ class MoNEPruningModifier(Modifier):
         if self.novice == "drop":
             dropped_to = self._moe.attrs.num_experts - self._budget.per_layer
             update_model_config(state.model, self._moe.attrs, dropped_to)
-        install_checkpoint_writer(state.model, dropped_to)
+        install_checkpoint_writer(
+            state.model, dropped_to, stock_architectures=self.stock_architectures
+        )
         if self.report_path is not None and is_source_process():
             write_report(self.report_path, self.report())
             logger.info(f"MoNE report written to {self.report_path}")

@@ -12,7 +12,9 @@ wrapped by llm-compressor for compression) so that a save
   every weight file) and keeps other files;
 - with novices: records ``approximate_experts`` in ``config.json`` after
   llm-compressor has rewritten it from the original config (which drops
-  fields set during pruning); tensors are already in that layout: retained
+  fields set during pruning), and names the MoNE architectures
+  (``MoNEOlmoeForCausalLM``) that only the mone-vllm plugin serves, unless
+  stock names are asked for; tensors are already in that layout: retained
   experts under their logical ids, ``experts.<id>.approx_value`` per novice;
 - with ``novice: drop``: stores fused experts (``repack_moe``; the model
   keeps them), the native layout of each architecture, and the reduced
@@ -36,8 +38,13 @@ from llmcompressor.modeling.moe.linearize import repack_moe
 from loguru import logger
 from torch import distributed as dist
 
-from mone_modifier.expert_packing import EXPERT_COUNT_KEYS, gpt_oss_repack_fix
-from mone_modifier.metadata import NOVICES_CONFIG_KEY, recorded_novices
+from mone_format import (
+    EXPERT_COUNT_KEYS,
+    NOVICES_CONFIG_KEY,
+    mone_architecture,
+    recorded_novices,
+)
+from mone_modifier.expert_packing import gpt_oss_repack_fix
 
 __all__ = ["install_checkpoint_writer", "write_expert_count"]
 
@@ -49,10 +56,14 @@ WEIGHT_FILE_SUFFIXES = (
 )
 
 
-def install_checkpoint_writer(model: torch.nn.Module, dropped_to: int | None):
+def install_checkpoint_writer(
+    model: torch.nn.Module, dropped_to: int | None, stock_architectures: bool = False
+):
     """
     :param model: the pruned model
     :param dropped_to: experts per layer after ``novice: drop``, else None
+    :param stock_architectures: keep the model's own ``architectures`` names
+        in a checkpoint with novices
     """
     save = model.save_pretrained
     if getattr(save, "_mone_writer", False):
@@ -78,7 +89,9 @@ def install_checkpoint_writer(model: torch.nn.Module, dropped_to: int | None):
         try:
             save(staging, *args, **kwargs)
             if dropped_to is None:
-                _write_novices(staging, recorded_novices(model.config))
+                _write_novices(
+                    staging, recorded_novices(model.config), stock_architectures
+                )
             else:
                 write_expert_count(staging, dropped_to)
             _publish(staging, target)
@@ -110,9 +123,15 @@ def _config_in(directory: Path) -> tuple[Path, dict, dict]:
     return path, config, config.get("text_config", config)
 
 
-def _write_novices(directory: Path, novices: dict[int, list[int]]):
+def _write_novices(
+    directory: Path, novices: dict[int, list[int]], stock_architectures: bool
+):
     path, config, text = _config_in(directory)
     text[NOVICES_CONFIG_KEY] = {str(k): v for k, v in sorted(novices.items())}
+    if novices and not stock_architectures:
+        config["architectures"] = [
+            mone_architecture(name) for name in config.get("architectures", [])
+        ]
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -15,19 +15,13 @@ from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 from llmcompressor.utils.dev import skip_weights_initialize
 from transformers import PretrainedConfig
 
+from mone_format import EXPERT_COUNT_KEYS
+
 __all__ = [
-    "EXPERT_COUNT_KEYS",
     "gpt_oss_repack_fix",
     "pack_experts",
     "with_expert_count",
 ]
-
-EXPERT_COUNT_KEYS = (
-    "num_experts",
-    "num_local_experts",
-    "moe_num_experts",
-    "n_routed_experts",
-)
 
 
 def with_expert_count(config: PretrainedConfig, count: int) -> PretrainedConfig:

@@ -20,14 +20,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 
+from mone_format import (
+    NOVICE_TENSOR,
+    LayerNovices,
+    expert_count,
+    layer_index,
+    read_novices,
+)
 from mone_modifier.dequantize import dequantize_tensors
-from mone_modifier.expert_packing import EXPERT_COUNT_KEYS, pack_experts
-from mone_modifier.metadata import LayerNovices, read_novices
-from mone_modifier.moe_layers import layer_index
+from mone_modifier.expert_packing import pack_experts
 
 __all__ = ["NoviceMoEExperts", "from_pretrained"]
-
-NOVICE_TENSOR = "approx_value"
 
 
 class NoviceMoEExperts(torch.nn.Module):
@@ -111,7 +114,7 @@ def from_pretrained(
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     text_config = config.get_text_config()
-    novices = read_novices(config, _num_experts(text_config))
+    novices = read_novices(config, expert_count(text_config))
     if not novices:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
 
@@ -145,14 +148,6 @@ def from_pretrained(
     if dtype is not None:
         model.to(dtype)
     return model.eval()
-
-
-def _num_experts(config) -> int:
-    return next(
-        getattr(config, key)
-        for key in EXPERT_COUNT_KEYS
-        if isinstance(getattr(config, key, None), int)
-    )
 
 
 def _key_renamer(model_type: str):
@@ -228,7 +223,7 @@ def _load_layer(
     per_expert: dict[int, dict[str, torch.Tensor]],
     stored: LayerNovices,
 ) -> torch.nn.Module:
-    num_experts = _num_experts(config)
+    num_experts = expert_count(config)
     novice_ids = sorted(stored.novices)
     retained_ids = [i for i in range(num_experts) if i not in set(novice_ids)]
     hidden_size = config.hidden_size

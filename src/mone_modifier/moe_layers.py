@@ -18,7 +18,9 @@ from llmcompressor.modifiers.pruning.reap.utils import (
     get_moe_attrs,
 )
 
-__all__ = ["MoELayer", "MoEModel", "find_moe_layers", "layer_index"]
+from mone_format import layer_index
+
+__all__ = ["MoELayer", "MoEModel", "find_moe_layers"]
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,3 @@ def find_moe_layers(model: torch.nn.Module, ignore: list[str]) -> MoEModel:
     return MoEModel(
         attrs, [MoELayer(name, layer_index(name)) for name in attrs.moe_layer_names]
     )
-
-
-def layer_index(name: str) -> int:
-    """The decoder layer index in a module path, e.g. 3 in model.layers.3.mlp."""
-    indices = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", name)
-    if not indices:
-        raise ValueError(f"cannot tell the decoder layer index of MoE block {name!r}")
-    return int(indices[-1])

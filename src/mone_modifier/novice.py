@@ -19,6 +19,7 @@ from compressed_tensors.offload import (
 )
 from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 
+from mone_format import NOVICE_TENSOR
 from mone_modifier.statistics import LayerStatistics
 
 __all__ = ["NoviceKind", "NoviceExpert", "novice_values", "replace_with_novices"]
@@ -31,7 +32,7 @@ class NoviceExpert(torch.nn.Module):
 
     def __init__(self, approx_value: torch.Tensor):
         super().__init__()
-        self.register_buffer("approx_value", approx_value)
+        self.register_buffer(NOVICE_TENSOR, approx_value)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.approx_value.expand(*hidden_states.shape[:-1], -1)

@@ -14,8 +14,8 @@ from llmcompressor.modifiers.quantization.quantization.mixin import Quantization
 from torch import distributed as dist
 from torch.utils.data import DataLoader
 
+from mone_format import recorded_novices
 from mone_modifier.loading import NoviceMoEExperts
-from mone_modifier.metadata import recorded_novices
 from mone_modifier.novice import NoviceExpert
 
 __all__ = [

@@ -13,19 +13,27 @@ import re
 from dataclasses import dataclass
 
 from loguru import logger
-from transformers import PretrainedConfig
-
-from mone_modifier.moe_layers import layer_index
 
 __all__ = [
+    "EXPERT_COUNT_KEYS",
+    "NOVICE_TENSOR",
     "NOVICES_CONFIG_KEY",
     "LayerNovices",
+    "expert_count",
+    "layer_index",
     "read_novices",
     "record_novices",
     "recorded_novices",
 ]
 
 NOVICES_CONFIG_KEY = "approximate_experts"
+NOVICE_TENSOR = "approx_value"
+EXPERT_COUNT_KEYS = (
+    "num_experts",
+    "num_local_experts",
+    "moe_num_experts",
+    "n_routed_experts",
+)
 IGNORED_CONFIG_KEYS = ("approximate_expert_init_tokens",)
 
 
@@ -44,11 +52,32 @@ class LayerNovices:
     compact: bool = False
 
 
-def _text_config(config: PretrainedConfig) -> PretrainedConfig:
+def layer_index(name: str) -> int:
+    """The decoder layer index in a module path, e.g. 3 in model.layers.3.mlp."""
+    indices = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", name)
+    if not indices:
+        raise ValueError(f"cannot tell the decoder layer index of MoE block {name!r}")
+    return int(indices[-1])
+
+
+def expert_count(config) -> int:
+    """The number of routed experts per MoE layer (E) a config declares."""
+    config = _text_config(config)
+    for key in EXPERT_COUNT_KEYS:
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise ValueError(
+        f"the config declares no expert count (none of {', '.join(EXPERT_COUNT_KEYS)})"
+    )
+
+
+def _text_config(config):
+    """The config holding the text model's fields (a transformers
+    ``PretrainedConfig``, ``text_config`` for multimodal ones)."""
     return getattr(config, "text_config", None) or config
 
 
-def record_novices(config: PretrainedConfig, layer_index: int, expert_ids: list[int]):
+def record_novices(config, layer_index: int, expert_ids: list[int]):
     """Add one layer's novice ids to the config (in place)."""
     target = _text_config(config)
     novices = dict(getattr(target, NOVICES_CONFIG_KEY, None) or {})
@@ -56,13 +85,13 @@ def record_novices(config: PretrainedConfig, layer_index: int, expert_ids: list[
     setattr(target, NOVICES_CONFIG_KEY, novices)
 
 
-def recorded_novices(config: PretrainedConfig) -> dict[int, list[int]]:
+def recorded_novices(config) -> dict[int, list[int]]:
     """The novice ids recorded in the config, by decoder layer index."""
     novices = getattr(_text_config(config), NOVICES_CONFIG_KEY, None) or {}
     return {int(layer): list(ids) for layer, ids in novices.items()}
 
 
-def read_novices(config: PretrainedConfig, num_experts: int) -> dict[int, LayerNovices]:
+def read_novices(config, num_experts: int) -> dict[int, LayerNovices]:
     """
     Every pruned layer's novices from either layout, validated.
 
@@ -103,7 +132,7 @@ def _read_approximate(approximate, num_experts: int) -> dict[int, LayerNovices]:
     return layers
 
 
-def _expert_substitution(config: PretrainedConfig):
+def _expert_substitution(config):
     """The raw ``expert_substitution`` entry, or None where there is none."""
     key = "quantization_config"
     if not getattr(config, key, None):
