@@ -2,12 +2,16 @@
 
 import hashlib
 import json
+import re
+import shutil
 from pathlib import Path
 
 import torch
 from llmcompressor import oneshot
+from safetensors.torch import load_file, save_file
 
 from conftest import as_dataset
+from mone_modifier.tiny_moe import NUM_EXPERTS
 
 
 def run_oneshot(
@@ -98,3 +102,60 @@ def write_choice_task(directory: Path, samples: torch.Tensor) -> list[dict]:
     data.write_text("\n".join(json.dumps(d) for d in docs))
     (directory / "tiny_choice.yaml").write_text(CHOICE_TASK.format(data=data))
     return docs
+
+
+def to_expert_substitution(source, out, novices: dict[int, list[int]]):
+    """Rewrite an approximate_experts checkpoint in the expert_substitution
+    layout: retained experts renumbered 0 .. R-1, constants named in the config."""
+    tensors = load_file(source / "model.safetensors")
+    rewritten = {}
+    targets = {}
+    for layer, ids in novices.items():
+        layer = int(layer)
+        # Mixtral's checkpoint names its block block_sparse_moe, others mlp
+        (prefix,) = {
+            match.group(1)
+            for key in tensors
+            if (match := re.match(rf"(model\.layers\.{layer}\.\w+\.experts)\.", key))
+        }
+        retained = [e for e in range(NUM_EXPERTS) if e not in ids]
+        replacements = {}
+        for key in [k for k in tensors if k.startswith(prefix + ".")]:
+            expert, rest = key[len(prefix) + 1 :].split(".", 1)
+            tensor = tensors.pop(key)
+            if int(expert) in ids:
+                name = f"{prefix}.substitutions.{expert}.value"
+                rewritten[name] = tensor
+                replacements[expert] = {
+                    "format": "constant-v1",
+                    "tensors": {"value": name},
+                }
+            else:
+                rewritten[f"{prefix}.{retained.index(int(expert))}.{rest}"] = tensor
+        targets[prefix] = {
+            "weight_layout": "compact_retained_experts",
+            "replacements": replacements,
+        }
+    out.mkdir()
+    save_file(
+        {**tensors, **rewritten}, out / "model.safetensors", metadata={"format": "pt"}
+    )
+    config = json.loads((source / "config.json").read_text())
+    del config["approximate_experts"]
+    config["compression_config"] = {
+        "transform_config": {
+            "expert_substitution": {
+                "version": 1,
+                "router_semantics": {
+                    "preserve_logical_expert_ids": True,
+                    "preserve_router_weights": True,
+                    "renormalize_after_substitution": False,
+                },
+                "targets": targets,
+            }
+        }
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    for file in source.iterdir():  # tokenizer, generation config, recipe
+        if not (out / file.name).exists():
+            shutil.copy(file, out / file.name)

