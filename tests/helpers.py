@@ -4,6 +4,8 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import as_dataset
 from mone_modifier.tiny_moe import NUM_EXPERTS
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 def run_oneshot(
@@ -34,6 +38,12 @@ def run_oneshot(
         pipeline=pipeline,
         **kwargs,
     )
+
+
+def run_quick(script: str, out: Path, *args: str):
+    """Run a benchmark script's quick mode, writing into ``out``."""
+    command = [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)]
+    subprocess.run(command + list(args), check=True, capture_output=True, text=True)
 
 
 def read_report(path: Path) -> dict:

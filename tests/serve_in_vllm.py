@@ -5,7 +5,8 @@ CPU bfloat16 kernels round differently from transformers).
 
 usage: python serve_in_vllm.py JOBS.json RESULTS.json
 
-JOBS.json maps a job name to ``{"path", "prompt" (token ids), "max_tokens"}``;
+JOBS.json maps a job name to ``{"path", "prompt" (token ids), "max_tokens"}``
+and optionally ``"engine"`` (more ``LLM`` arguments);
 RESULTS.json maps it to ``{"tokens", "logprobs", "text"}`` or ``{"error"}``.
 """
 
@@ -19,7 +20,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def generate(path: str, prompt: list[int], max_tokens: int) -> dict:
+def generate(path: str, prompt: list[int], max_tokens: int, engine: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(
@@ -28,6 +29,7 @@ def generate(path: str, prompt: list[int], max_tokens: int) -> dict:
         enforce_eager=True,
         max_model_len=128,
         distributed_executor_backend="uni",
+        **engine,
     )
     try:
         params = SamplingParams(
@@ -50,7 +52,9 @@ def main(jobs_path: str, results_path: str):
     results = {}
     for name, job in jobs.items():
         try:
-            results[name] = generate(job["path"], job["prompt"], job["max_tokens"])
+            results[name] = generate(
+                job["path"], job["prompt"], job["max_tokens"], job.get("engine", {})
+            )
         except Exception as error:  # the test reads the refusal
             results[name] = {"error": f"{type(error).__name__}: {error}"}
         print(f"{name}: {str(results[name])[:200]}", flush=True)

@@ -5,20 +5,10 @@ and the plots.
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import write_choice_task
-
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
-
-
-def run_quick(script: str, out: Path, *args: str):
-    command = [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)]
-    subprocess.run(command + list(args), check=True, capture_output=True, text=True)
+from helpers import BENCHMARKS, run_quick, write_choice_task
 
 
 def test_quick_benchmark(tmp_path):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mone_modifier
-from helpers import run_oneshot, to_expert_substitution
+from helpers import run_oneshot, run_quick, to_expert_substitution
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.tiny_moe import build_tiny_moe
 
@@ -43,6 +43,19 @@ SERVABLE = {
     "gpt_oss": dict(hidden_size=128, head_dim=32),
 }
 FAMILIES = list(SERVABLE)
+# vLLM's CPU MLA kernel takes kv_lora_rank + qk_rope_head_dim = 576 only;
+# DeepSeek-V3's own routing fields, which vLLM reads and transformers' config
+# lacks
+DEEPSEEK_V3 = dict(
+    hidden_size=128,
+    kv_lora_rank=512,
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    head_dim=64,
+    topk_method="noaux_tc",
+    scoring_func="sigmoid",
+)
 LAYOUTS = ["approximate_experts", "expert_substitution"]
 
 
@@ -101,6 +114,20 @@ def zero_novices(source: Path, out: Path):
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
 
 
+def silence_experts(source: Path, novices: dict, out: Path) -> Path:
+    """A copy of an unpruned checkpoint (per-expert tensors) whose experts
+    named in ``novices`` output zero: a stock model that routes like the
+    pruned one and gets nothing from its novices."""
+    shutil.copytree(source, out)
+    tensors = load_file(out / "model.safetensors")
+    for layer, ids in novices.items():
+        for expert in ids:
+            name = f"model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"
+            tensors[name] = torch.zeros_like(tensors[name])
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, samples) -> dict:
     """name -> (checkpoint path, transformers reference)."""
@@ -120,6 +147,16 @@ def checkpoints(tmp_path_factory, samples) -> dict:
         )
         zero_novices(path, root / f"{family}-zero")
         out[f"{family}-zero"] = (root / f"{family}-zero", reference)
+
+    source = build_tiny_moe("deepseek_v3", root / "deepseek_v3-source", **DEEPSEEK_V3)
+    zero = MoNEPruningModifier(sparsity=0.25, novice="zero")
+    model = run_oneshot(source, samples, zero)
+    path = save(model, source, root / "deepseek_v3-zero")
+    out["deepseek_v3-zero"] = (path, None)
+    out["deepseek_v3-silent"] = (
+        silence_experts(source, model.config.approximate_experts, root / "silent"),
+        None,
+    )
 
     source = root / "olmoe-source"
     model = run_oneshot(
@@ -192,8 +229,25 @@ def test_novice_term_is_measured(family, checkpoints, with_plugin):
     assert result["tokens"] != reference["tokens"] or difference > 100 * LOGPROB_ATOL
 
 
+def test_deepseek_v3_routes_like_stock_vllm(with_plugin):
+    """DeepSeek-V3 (group-limited sigmoid routing with correction bias,
+    scaled, a dense first layer, a shared expert) with zero novices serves
+    like stock vLLM on the unpruned model whose replaced experts output zero.
+    (Against transformers no test can tell: stock vLLM 0.32 on CPU does not
+    reproduce transformers' tokens on this tiny DeepSeek-V3 even unpruned.)"""
+    assert "error" not in with_plugin["deepseek_v3-silent"]
+    assert_matches(with_plugin["deepseek_v3-zero"], with_plugin["deepseek_v3-silent"])
+
+
 def test_drop_checkpoint_serves_in_stock_vllm(checkpoints, stock):
     assert_matches(stock["olmoe-drop"], checkpoints["olmoe-drop"][1])
+
+
+def test_expert_parallelism_is_refused(serving_python, checkpoints, tmp_path):
+    job = jobs(checkpoints, ["olmoe-approximate_experts"])
+    job["olmoe-approximate_experts"]["engine"] = {"enable_expert_parallel": True}
+    (result,) = serve(serving_python, job, tmp_path).values()
+    assert "mlp.experts: MoNE layers cannot be served with expert" in result["error"]
 
 
 def test_stock_vllm_refuses_a_mone_checkpoint(stock):
@@ -210,11 +264,19 @@ def test_stock_names_are_what_the_refusal_prevents(stock):
     assert logprobs.isnan().any()
 
 
-def test_plain_transformers_refuses_a_mone_checkpoint(checkpoints):
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        AutoModelForCausalLM.from_pretrained(
-            checkpoints["olmoe-approximate_experts"][0]
-        )
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_transformers_refuses_or_reports_missing_experts(family, checkpoints):
+    """What the README says plain transformers does with a MoNE checkpoint:
+    where it merges per-expert tensors into fused ones, the gaps make it
+    refuse; where it does not (Mixtral, GPT-OSS), it loads random experts and
+    its load report names them MISSING."""
+    path = checkpoints[f"{family}-approximate_experts"][0]
+    if family in ("mixtral", "gpt_oss"):
+        _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        assert any(".mlp.experts." in key for key in info["missing_keys"])
+    else:
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(path)
 
 
 def free_port() -> int:
@@ -269,3 +331,43 @@ def test_openai_server(serving_python, checkpoints, with_plugin):
         server.terminate()
         server.wait(timeout=60)
     assert text == with_plugin[name]["text"]
+
+
+def serving_table(checkpoints: dict) -> str:
+    """The README's table of what ``test_plugin_serves_like_transformers``
+    checks, with each family's architecture name read off its checkpoint."""
+    rows = [
+        "| family | `architectures` in the checkpoint | "
+        + " | ".join(f"`{layout}`" for layout in LAYOUTS)
+        + " |",
+        "| --- | --- |" + " --- |" * len(LAYOUTS),
+    ]
+    for family in FAMILIES:
+        path = checkpoints[f"{family}-approximate_experts"][0] / "config.json"
+        (architecture,) = json.loads(path.read_text())["architectures"]
+        cells = " | ".join("same tokens and log-probs" for _ in LAYOUTS)
+        rows.append(f"| {family} | `{architecture}` | {cells} |")
+    return "\n".join(rows)
+
+
+def test_readme_serving_table(checkpoints):
+    readme = (REPO / "README.md").read_text()
+    start = "<!-- serving-table: generated by tests/test_serving.py -->\n"
+    table = readme.split(start)[1].split("\n<!-- /serving-table -->")[0]
+    expected = serving_table(checkpoints)
+    assert table == expected, f"README's serving table should read:\n{expected}"
+
+
+def test_serving_benchmark_quick(serving_python, tmp_path):
+    """benchmarks/serving.py runs end to end: the pruned checkpoints hold
+    fewer weights in vLLM, 50% fewer than 25%."""
+    run_quick("serving.py", tmp_path)
+    summary = json.loads((tmp_path / "serving_quick.json").read_text())["summary"]
+    assert set(summary) == {"unpruned", "mone_25", "drop_25", "mone_50", "drop_50"}
+    for kind in ("mone", "drop"):
+        assert (
+            summary[f"{kind}_50"]["weight_ratio"]
+            < summary[f"{kind}_25"]["weight_ratio"]
+            < 1
+        )
+        assert summary[f"{kind}_25"]["tokens_per_s"] > 0
