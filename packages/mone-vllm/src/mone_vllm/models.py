@@ -197,14 +197,25 @@ def mone_model(stock_cls: type, weight_stage=None) -> type:
             with _novice_layers(family_module, novices):
                 super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
             self._novice_weights = _NoviceWeights(novices, expert_count(config))
+            unbuilt = set(novices) - set(self._novice_runners())
+            if unbuilt:
+                # the family module no longer builds its MoE layers through
+                # its module-level FusedMoEFactory
+                raise RuntimeError(
+                    f"vLLM built layers {sorted(unbuilt)} of {type(self).__name__} "
+                    f"without their novices: this vLLM version builds MoE layers "
+                    f"in a way mone-vllm does not know (it was tested with 0.32)"
+                )
 
-        def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-            runners = {
+        def _novice_runners(self) -> dict[int, NoviceMoERunner]:
+            return {
                 layer_index(name): module
                 for name, module in self.named_modules()
                 if isinstance(module, NoviceMoERunner)
             }
-            weights = self._novice_weights.route(weights, runners)
+
+        def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+            weights = self._novice_weights.route(weights, self._novice_runners())
             if weight_stage is not None:
                 weights = weight_stage(weights)
             loaded = set(super().load_weights(weights))
