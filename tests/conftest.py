@@ -23,13 +23,15 @@ NUM_SAMPLES = 8
 SEQ_LEN = 24
 # the background process preparing the serving cases, and its directory
 SERVING_PREPARATION = pytest.StashKey[tuple[subprocess.Popen, Path]]()
+ONE_CORE = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
 
 
 def pytest_collection_finish(session):
     """Once a serving test is selected, prepare the serving cases in the
     background (tests/serving_cases.py): they build a second environment and
     serve some twenty models, minutes of work that would otherwise add to the
-    suite's time while other tests leave a core idle."""
+    suite's time. On one thread, bound to one core: two processes each
+    spinning threads on every core slow each other down several times over."""
     if not any(item.path.name == "test_serving.py" for item in session.items):
         return
     directory = Path(tempfile.mkdtemp(prefix="mone-serving-cases-"))
@@ -39,6 +41,7 @@ def pytest_collection_finish(session):
             [sys.executable, str(script), str(directory)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **ONE_CORE},
             start_new_session=True,  # one process group, ended together
         )
     session.config.stash[SERVING_PREPARATION] = (process, directory)
