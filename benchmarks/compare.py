@@ -14,6 +14,7 @@ JSON of every number, and PNG plots into ``--out``.
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import subprocess
@@ -23,6 +24,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+# Every figure here is a CPU one (time on CPU threads, resident memory), and
+# oneshot would move a pruned model's forward to a GPU where there is one:
+# the models stay on the CPU on every machine.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch
 from data import DOMAINS, load_domain

@@ -41,9 +41,11 @@ def run_oneshot(
 
 
 def run_quick(script: str, out: Path, *args: str):
-    """Run a benchmark script's quick mode, writing into ``out``."""
+    """Run a benchmark script's quick mode, writing into ``out``; a failure
+    shows the end of the script's stderr."""
     command = [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)]
-    subprocess.run(command + list(args), check=True, capture_output=True, text=True)
+    result = subprocess.run(command + list(args), capture_output=True, text=True)
+    assert result.returncode == 0, f"{script} --quick failed:\n{result.stderr[-3000:]}"
 
 
 def read_report(path: Path) -> dict:

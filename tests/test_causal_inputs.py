@@ -10,6 +10,7 @@ from llmcompressor.modeling.moe.linearize import linearize_moe
 from transformers import AutoModelForCausalLM
 
 import mone_modifier  # noqa: F401
+from devices import DEVICE, assert_close
 from helpers import run_oneshot
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.sequential_tracing import SequentialTracer
@@ -23,7 +24,8 @@ def test_expert_inputs_equal_plain_causal_forward(
     family, batch_size, tiny_moe, samples
 ):
     path = tiny_moe(family)
-    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    # computed where oneshot calibrates: on CUDA where present
+    plain = AutoModelForCausalLM.from_pretrained(path).to(DEVICE).eval()
     first = min(moe_blocks(plain))
     expected = []
     plain.model.layers[first].mlp.experts.register_forward_pre_hook(
@@ -31,7 +33,7 @@ def test_expert_inputs_equal_plain_causal_forward(
     )
     with torch.no_grad():
         for batch in samples.split(batch_size):
-            plain(input_ids=batch)
+            plain(input_ids=batch.to(DEVICE))
 
     model = AutoModelForCausalLM.from_pretrained(path)
     linearize_moe(model)
@@ -46,5 +48,5 @@ def test_expert_inputs_equal_plain_causal_forward(
 
     # the first len(expected) calls are the calibration pass of that layer
     calibration = torch.cat(seen[: len(expected)])
-    torch.testing.assert_close(calibration, torch.cat(expected), rtol=0, atol=1e-5)
+    assert_close(calibration, torch.cat(expected), rtol=0, atol=1e-5)
     assert SequentialTracer.create_arg is original_create_arg, "tracer patch leaked"

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import mone_modifier
+from devices import DEVICE, assert_close
 from helpers import novice_vectors, run_oneshot, tree_digest
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.tiny_moe import NUM_EXPERTS
@@ -58,7 +59,7 @@ def test_novice_checkpoint_layout(family, tiny_moe, samples, tmp_path):
             names = {k for k in saved if k.startswith(f"{prefix}.experts.{expert}.")}
             if expert in ids:
                 assert names == {f"{prefix}.experts.{expert}.approx_value"}
-                torch.testing.assert_close(
+                assert_close(
                     saved[f"{prefix}.experts.{expert}.approx_value"],
                     novice_vectors(model, int(index))[expert],
                     rtol=0,
@@ -138,10 +139,10 @@ def test_drop_export_loads_in_plain_transformers(family, tiny_moe, samples, tmp_
         expected = model(input_ids=samples).logits
     model.save_pretrained(tmp_path / "out")
 
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").to(DEVICE)
     with torch.no_grad():
-        logits = reloaded(input_ids=samples).logits
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        logits = reloaded(input_ids=samples.to(DEVICE)).logits
+    assert_close(logits, expected, rtol=0, atol=1e-5)
     assert reloaded.model.layers[-1].mlp.experts.num_experts == NUM_EXPERTS - 2
 
 
@@ -223,8 +224,8 @@ def test_existing_output_directory_is_replaced_but_other_files_kept(
         "generation_config.json",
         "model.safetensors",
     ]
-    reloaded = mone_modifier.from_pretrained(out)
+    reloaded = mone_modifier.from_pretrained(out).to(DEVICE)
     with torch.no_grad():
         expected = model(input_ids=samples).logits
-        logits = reloaded(input_ids=samples).logits
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        logits = reloaded(input_ids=samples.to(DEVICE)).logits
+    assert_close(logits, expected, rtol=0, atol=1e-5)

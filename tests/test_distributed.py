@@ -1,6 +1,7 @@
 """
-oneshot under ``torchrun --nproc_per_node 2`` (gloo, CPU) against the same
-run in one process: the same experts, novices and report, written once.
+oneshot under ``torchrun --nproc_per_node 2`` (gloo; on the CPU unless two
+GPUs are visible) against the same run in one process: the same experts,
+novices and report, written once.
 """
 
 import json
@@ -26,12 +27,15 @@ def run(model: Path, recipe: str, out: Path, ranks: int, *options: str):
         launcher += ["-m", "torch.distributed.run", "--standalone"]
         launcher += [f"--nproc_per_node={ranks}"]
     command = launcher + [str(SCRIPT), str(model), str(RECIPES / recipe), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if torch.cuda.device_count() < 2:
+        # llm-compressor puts rank r on accelerator r: two ranks need two GPUs
+        # (on one, rank 1 fails and takes rank 0's gloo collectives with it).
+        # With fewer, every run, the one-process run too, computes on the CPU,
+        # so that the runs compared computed on one device.
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run(
-        command + list(options),
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=600,
+        command + list(options), capture_output=True, text=True, env=env, timeout=600
     )
 
 

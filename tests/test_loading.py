@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from compressed_tensors.offload import update_offload_parameter
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from llmcompressor.utils.helpers import DisableQuantization
 from safetensors.torch import load_file, save_file
 
 import mone_modifier
+from devices import DEVICE, assert_close
 from helpers import run_oneshot, to_expert_substitution
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.loading import NoviceMoEExperts
@@ -38,10 +40,10 @@ def test_reload_equals_in_memory_model(family, sparsity, tiny_moe, samples, tmp_
     model, logits, params = pruned_and_saved(
         family, sparsity, tiny_moe, samples, tmp_path / "out"
     )
-    loaded = mone_modifier.from_pretrained(tmp_path / "out")
+    loaded = mone_modifier.from_pretrained(tmp_path / "out").to(DEVICE)
     with torch.no_grad():
-        reloaded = loaded(input_ids=samples).logits
-    torch.testing.assert_close(reloaded, logits, rtol=0, atol=1e-5)
+        reloaded = loaded(input_ids=samples.to(DEVICE)).logits
+    assert_close(reloaded, logits, rtol=0, atol=1e-5)
 
     # the pruned experts were never built: the same parameter count as the
     # in-memory pruned model, and each layer's fused module holds E - P experts
@@ -63,9 +65,9 @@ def test_checkpoint_without_novices_loads_plainly(tiny_moe, samples, tmp_path):
     with torch.no_grad():
         expected = model(input_ids=samples).logits
     model.save_pretrained(tmp_path / "out")
-    loaded = mone_modifier.from_pretrained(tmp_path / "out")
-    torch.testing.assert_close(
-        loaded(input_ids=samples).logits, expected, rtol=0, atol=1e-5
+    loaded = mone_modifier.from_pretrained(tmp_path / "out").to(DEVICE)
+    assert_close(
+        loaded(input_ids=samples.to(DEVICE)).logits, expected, rtol=0, atol=1e-5
     )
 
 
@@ -79,10 +81,8 @@ def test_authors_init_tokens_entry_is_ignored_with_a_log_line(
     config = json.loads(config_path.read_text())
     config["approximate_expert_init_tokens"] = {"0": [1, 2, 3]}
     config_path.write_text(json.dumps(config))
-    loaded = mone_modifier.from_pretrained(tmp_path / "out")
-    torch.testing.assert_close(
-        loaded(input_ids=samples).logits, logits, rtol=0, atol=1e-5
-    )
+    loaded = mone_modifier.from_pretrained(tmp_path / "out").to(DEVICE)
+    assert_close(loaded(input_ids=samples.to(DEVICE)).logits, logits, rtol=0, atol=1e-5)
     assert any("ignoring approximate_expert_init_tokens" in line for line in log_lines)
 
 
@@ -185,11 +185,11 @@ def test_w4a16_reload_equals_in_memory_model(
     )
     model.save_pretrained(tmp_path / "out")
 
-    loaded = mone_modifier.from_pretrained(tmp_path / "out")
+    loaded = mone_modifier.from_pretrained(tmp_path / "out").to(DEVICE)
     with torch.no_grad():
-        logits = loaded(input_ids=samples).logits
+        logits = loaded(input_ids=samples.to(DEVICE)).logits
     # GPTQ leaves weight-only quantized values in the weights: same numbers
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert_close(logits, expected, rtol=0, atol=1e-5)
     assert sum(p.numel() for p in loaded.parameters()) == params
 
 
@@ -202,27 +202,28 @@ def test_fp8_reload_holds_the_fp8_weights(family, quantizable_moe, samples, tmp_
     # the same network with every quantized weight rounded to FP8 by
     # compressed-tensors and no activation quantization (left to the engine);
     # computed first: saving compresses the model in place (and re-quantizing
-    # FP8-rounded weights with the same scales gives the same FP8 values)
+    # FP8-rounded weights with the same scales gives the same FP8 values);
+    # written through the offload cache, since on CUDA ``module.weight`` is an
+    # onloaded copy of the weight the forward reads
     with torch.no_grad():
         for module in model.modules():
             scheme = getattr(module, "quantization_scheme", None)
             if scheme is not None and scheme.weights is not None:
-                module.weight.copy_(
-                    fake_quantize(
-                        module.weight,
-                        module.weight_scale,
-                        getattr(module, "weight_zero_point", None),
-                        scheme.weights,
-                    )
+                rounded = fake_quantize(
+                    module.weight,
+                    module.weight_scale,
+                    getattr(module, "weight_zero_point", None),
+                    scheme.weights,
                 )
+                update_offload_parameter(module, "weight", rounded)
         with DisableQuantization(model):
             expected = model(input_ids=samples).logits
     model.save_pretrained(tmp_path / "out")
 
-    loaded = mone_modifier.from_pretrained(tmp_path / "out")
+    loaded = mone_modifier.from_pretrained(tmp_path / "out").to(DEVICE)
     with torch.no_grad():
-        logits = loaded(input_ids=samples).logits
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        logits = loaded(input_ids=samples.to(DEVICE)).logits
+    assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
 def test_reads_the_expert_substitution_layout(saved_checkpoint, samples, tmp_path):
@@ -296,8 +297,8 @@ def test_tied_embeddings(samples, tmp_path):
     with torch.no_grad():
         expected = model(input_ids=samples).logits
     model.save_pretrained(tmp_path / "out")
-    loaded = mone_modifier.from_pretrained(tmp_path / "out")
+    loaded = mone_modifier.from_pretrained(tmp_path / "out").to(DEVICE)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with torch.no_grad():
-        logits = loaded(input_ids=samples).logits
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        logits = loaded(input_ids=samples.to(DEVICE)).logits
+    assert_close(logits, expected, rtol=0, atol=1e-5)

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import mone_modifier  # noqa: F401
+from devices import assert_close
 from helpers import novice_vectors, read_report, run_oneshot
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.tiny_moe import NUM_EXPERTS, TOP_K, tiny_tokenizer
@@ -29,7 +30,7 @@ def run_and_report(path, samples, tmp_path, pipeline="independent", **options):
 def assert_same_logits(model, reference, samples):
     with torch.no_grad():
         logits = model(input_ids=samples).logits
-    torch.testing.assert_close(logits, reference.logits(), rtol=0, atol=1e-5)
+    assert_close(logits, reference.logits(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
