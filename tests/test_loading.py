@@ -157,6 +157,11 @@ def set_novices(layer, ids):
             None,
             r"tensors without a parameter|retained expert \d needs its weights",
         ),
+        (
+            set_novices(2, [1, 4]),  # the test model has layers 0 and 1
+            None,
+            r"novices for layers \[2\], which are not MoE layers of this model",
+        ),
     ],
 )
 def test_malformed_metadata_gets_a_clear_error(
@@ -165,6 +170,24 @@ def test_malformed_metadata_gets_a_clear_error(
     out = corrupt(saved_checkpoint, tmp_path, edit_config, edit_tensors)
     with pytest.raises(ValueError, match=message):
         mone_modifier.from_pretrained(out)
+
+
+def test_novices_on_a_dense_layer_get_a_clear_error(tiny_moe, samples, tmp_path):
+    model = run_oneshot(
+        tiny_moe("deepseek_v3"), samples, MoNEPruningModifier(sparsity=0.25)
+    )
+    model.save_pretrained(tmp_path / "out")
+    config_path = tmp_path / "out" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["approximate_experts"]["0"] = [1, 4]  # layer 0 is dense
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"layers \[0\], which are not MoE layers"):
+        mone_modifier.from_pretrained(tmp_path / "out")
+
+
+def test_missing_directory_gets_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint directory"):
+        mone_modifier.from_pretrained(tmp_path / "no-such-checkpoint")
 
 
 QUANTIZED_FAMILIES = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]

@@ -112,6 +112,11 @@ def from_pretrained(
     :param kwargs: passed to the model constructor (e.g. ``attn_implementation``)
     """
     path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"from_pretrained: {path} is not a checkpoint directory (no "
+            f"config.json); pass the directory a pruned model was saved to"
+        )
     config = AutoConfig.from_pretrained(path)
     text_config = config.get_text_config()
     novices = read_novices(config, expert_count(text_config))
@@ -126,7 +131,9 @@ def from_pretrained(
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     text_config = model.config.get_text_config()
-    for name, experts in get_non_linearized_moes(model):
+    moe_layers = get_non_linearized_moes(model)
+    _check_novice_layers(novices, [layer_index(name) for name, _ in moe_layers], path)
+    for name, experts in moe_layers:
         layer = layer_index(name)
         stored = novices.get(layer, LayerNovices({}))
         per_expert = _logical_experts(
@@ -148,6 +155,15 @@ def from_pretrained(
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _check_novice_layers(novices: dict, moe_layers: list[int], path: Path):
+    if stray := sorted(set(novices) - set(moe_layers)):
+        raise ValueError(
+            f"checkpoint {path}: its config names novices for layers {stray}, "
+            f"which are not MoE layers of this model (MoE layers: {moe_layers}); "
+            f"the novice metadata belongs to another model"
+        )
 
 
 def _key_renamer(model_type: str):
