@@ -176,6 +176,19 @@ def test_reloaded_pruned_model_is_refused(tiny_moe, samples, tmp_path):
         run_oneshot(reloaded, samples, MoNEPruningModifier(sparsity=0.25))
 
 
+@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+def test_pruned_checkpoint_by_path_is_refused(family, tiny_moe, samples, tmp_path):
+    """Plain transformers fails on a MoNE checkpoint (OLMoE: mismatched
+    sizes) or loads random experts (Mixtral); oneshot refuses it first."""
+    pruned = run_oneshot(tiny_moe(family), samples, MoNEPruningModifier(sparsity=0.25))
+    pruned.save_pretrained(tmp_path / "pruned")
+    layers = sorted(int(i) for i in pruned.config.approximate_experts)
+    message = re.escape(f"is a checkpoint MoNE already pruned (layers {layers}")
+    fails_before_calibration(
+        tmp_path / "pruned", samples, MoNEPruningModifier(sparsity=0.25), message
+    )
+
+
 def test_non_finite_expert_outputs(tiny_moe, samples, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_moe("qwen3_moe"))
     with torch.no_grad():

@@ -3,18 +3,22 @@ Checks on the model and the recipe that MoNE runs before any calibration
 work, so a wrong set-up fails at once with the fix in the message.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.compute as pc
 import torch
 from compressed_tensors.distributed import is_distributed
 from datasets import Dataset
 from llmcompressor.core import active_session
+from llmcompressor.entrypoints import utils as entrypoint_utils
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
 from torch import distributed as dist
 from torch.utils.data import DataLoader
+from transformers import AutoConfig
 
-from mone_format import recorded_novices
+from mone_format import expert_count, read_novices, recorded_novices
 from mone_modifier.loading import NoviceMoEExperts
 from mone_modifier.novice import NoviceExpert
 
@@ -23,6 +27,7 @@ __all__ = [
     "check_not_pruned",
     "check_rank_data",
     "check_recipe_order",
+    "refuse_pruned_checkpoints_in_oneshot",
 ]
 
 
@@ -38,6 +43,43 @@ def check_not_pruned(model: torch.nn.Module):
             f"this model was already pruned by MoNE ({layers} layers have novices). "
             f"Prune the original checkpoint instead, with the total `sparsity` "
             f"you want."
+        )
+
+
+def refuse_pruned_checkpoints_in_oneshot():
+    """
+    Make ``oneshot(model=<path>)`` refuse a saved MoNE checkpoint before
+    transformers loads it. Transformers cannot build a model whose experts
+    are missing: it fails with a message about mismatched sizes, or loads
+    random experts (Mixtral, GPT-OSS), so ``check_not_pruned`` would come too
+    late. llm-compressor 0.14 has no hook before it loads a model by path;
+    this wraps the function it loads with (``tests/test_bad_input.py`` pins
+    that it is still called).
+    """
+    load = entrypoint_utils.initialize_model_from_path
+
+    def initialize_model_from_path(model_args):
+        _check_path_not_pruned(model_args.model)
+        return load(model_args)
+
+    entrypoint_utils.initialize_model_from_path = initialize_model_from_path
+
+
+def _check_path_not_pruned(model: str | Path):
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file():
+        return
+    config = AutoConfig.from_pretrained(model)
+    try:
+        num_experts = expert_count(config.get_text_config())
+    except ValueError:  # no MoE model: nothing MoNE could have pruned
+        return
+    if novices := read_novices(config, num_experts):
+        raise ValueError(
+            f"{model} is a checkpoint MoNE already pruned (layers {sorted(novices)} "
+            f"have novices); oneshot cannot load it by path. Prune the original "
+            f"checkpoint instead, with the total `sparsity` you want and any "
+            f"quantization in the same recipe (e.g. recipes/mone_w4.yaml)."
         )
 
 
