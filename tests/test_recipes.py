@@ -7,6 +7,7 @@ import pytest
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.recipe import Recipe
 
+import mone_modifier
 from helpers import novice_vectors, run_oneshot
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.demo import main as demo_main
@@ -36,18 +37,17 @@ def test_recipe_replaces_round_sparsity_e_per_layer(
     assert round(float(recipe[5:7]) / 100 * NUM_EXPERTS) == replaced
 
 
-def test_quickstart_prints_summary(tmp_path, capsys):
+def run_demo(recipe: str, work, capsys) -> str:
     demo_main(
-        [
-            "--recipe",
-            str(RECIPES / "mone_25.yaml"),
-            "--work-dir",
-            str(tmp_path),
-            "--num-samples",
-            "4",
-        ]
+        ["--recipe", str(RECIPES / recipe), "--work-dir", str(work)]
+        + ["--num-samples", "4"]
     )
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_quickstart_prints_summary(tmp_path, capsys):
+    out = run_demo("mone_25.yaml", tmp_path, capsys)
+    assert "recipe ran: MoNEPruningModifier\n" in out
     assert "4 of 16 experts (top-4) per layer" in out
     assert "total: 16 novices, 48 experts kept" in out
     report = json.loads((tmp_path / "report.json").read_text())
@@ -63,3 +63,25 @@ def test_quickstart_prints_summary(tmp_path, capsys):
             == layer["tokens"]
         )
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loaded = mone_modifier.from_pretrained(tmp_path / "pruned")
+    assert f"pretrained={tmp_path / 'pruned'}" in out
+    assert sum(len(ids) for ids in loaded.config.approximate_experts.values()) == 16
+    assert loaded.config.eos_token_id < loaded.config.vocab_size
+
+
+def test_quickstart_with_quantization_saves_the_compressed_model(tmp_path, capsys):
+    out = run_demo("mone_fp8.yaml", tmp_path, capsys)
+    assert "recipe ran: MoNEPruningModifier, QuantizationModifier\n" in out
+    assert f"(quantized, compressed-tensors): {tmp_path / 'pruned'}" in out
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert "approximate_experts" in config
+
+
+def test_quickstart_usage_names_the_module_and_the_recipes(capsys, monkeypatch):
+    monkeypatch.chdir(RECIPES.parent)
+    with pytest.raises(SystemExit):
+        demo_main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m mone_modifier.demo")
+    assert all(f"recipes/{recipe.name}" in out for recipe in RECIPES.glob("*.yaml"))

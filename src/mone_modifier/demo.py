@@ -14,7 +14,7 @@ from pathlib import Path
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.core import active_session
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.report import write_report
@@ -66,19 +66,39 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default="recipes/mone_25.yaml")
-    parser.add_argument(
-        "--work-dir", default=None, help="where the model and report go"
+def recipes_help() -> str:
+    found = sorted(str(p) for p in Path("recipes").glob("*.yaml"))
+    listed = ", ".join(found) if found else "none here: run from the repository root"
+    return f"YAML recipe to run (this repository's: {listed})"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m mone_modifier.demo", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--recipe", default="recipes/mone_25.yaml", help=recipes_help())
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="where the model, the pruned checkpoint and the report go "
+        "(default: a new temporary directory)",
+    )
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=32,
+        help="calibration samples (paragraphs of standard-library source)",
+    )
     args = parser.parse_args(argv)
     if not Path(args.recipe).is_file():
         parser.error(
             f"--recipe {args.recipe!r} is not a file; run from the repository root"
         )
+    return args
 
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="mone-demo-"))
     texts = stdlib_text()
     model_path = build_tiny_moe(
@@ -97,20 +117,40 @@ def main(argv: list[str] | None = None):
         num_calibration_samples=args.num_samples,
         max_seq_length=128,
     )
-    (modifier,) = [
-        m
-        for m in active_session().lifecycle.recipe.modifiers
-        if isinstance(m, MoNEPruningModifier)
-    ]
+    modifiers = active_session().lifecycle.recipe.modifiers
+    (modifier,) = [m for m in modifiers if isinstance(m, MoNEPruningModifier)]
     report = modifier.report()
     write_report(work / "report.json", report)
-    print(summary(report))
     params_after = sum(p.numel() for p in model.parameters())
+    pruned = work / "pruned"
+    model.save_pretrained(pruned, save_compressed=True)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(pruned)
+
+    print(f"recipe ran: {', '.join(type(m).__name__ for m in modifiers)}")
+    print(summary(report))
     print(f"parameters: {params_before:,} -> {params_after:,}")
-    print(
-        f"report: {work / 'report.json'} and report.png; model config records "
-        f"approximate_experts = {model.config.approximate_experts}"
-    )
+    print(f"report: {work / 'report.json'} and report.png")
+    saved = AutoConfig.from_pretrained(pruned)
+    print(next_steps(pruned, quantized=hasattr(saved, "quantization_config")))
+
+
+def next_steps(pruned: Path, quantized: bool) -> str:
+    lines = [
+        f"pruned checkpoint{' (quantized, compressed-tensors)' if quantized else ''}: "
+        f"{pruned}",
+        "next:",
+        f'  load:     python -c "import mone_modifier; '
+        f"print(mone_modifier.from_pretrained('{pruned}'))\"",
+        f"  evaluate: python -m mone_modifier.evaluation --model mone "
+        f"--model_args pretrained={pruned} --tasks arc_easy",
+        f"  serve:    python -m vllm.entrypoints.openai.api_server --model {pruned}"
+        f"  (serving environment: packages/mone-vllm/install-serving-env.sh)",
+    ]
+    if quantized:
+        lines.append(
+            "  (vLLM's CPU backend has no kernel for quantized experts: serve on a GPU)"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -124,8 +124,16 @@ def build_tiny_moe(
 
     :param overrides: config values to change, e.g. ``num_hidden_layers``
     """
+    tokenizer = tokenizer or tiny_tokenizer()
+    # the config's own defaults name ids outside the tiny vocabulary
+    special = {
+        f"{kind}_token_id": getattr(tokenizer, f"{kind}_token_id")
+        for kind in ("bos", "eos", "pad")
+    }
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(family, **{**special, **overrides})
+    )
     for name, param in model.named_parameters():
         if param.dim() >= 2:
             param.normal_(0.0, 0.15)
@@ -148,7 +156,7 @@ def build_tiny_moe(
             expert.down_proj.weight.mul_(0.4 + 0.3 * index)
     repack_moe(model)
     model.save_pretrained(path)
-    (tokenizer or tiny_tokenizer()).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
