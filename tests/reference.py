@@ -117,15 +117,9 @@ def choose_lowest_per_group(
 
 
 def choose_model_wide(
-    layers: list[ReferenceLayer],
-    scoring: str,
-    per_layer: int,
-    layer_limit: int,
-    group_size: int | None = None,
-    group_limit: int | None = None,
+    layers: list[ReferenceLayer], scoring: str, per_layer: int, layer_limit: int
 ) -> dict[int, list[int]]:
-    """One ranking over all layers; no layer loses more than ``layer_limit``,
-    no routing group more than ``group_limit``."""
+    """One ranking over all layers; no layer loses more than ``layer_limit``."""
     ranking = sorted(
         (bool(layer.routed[e] > 0), float(layer.score(scoring)[e]), layer.index, e)
         for layer in layers
@@ -135,14 +129,7 @@ def choose_model_wide(
     for _, _, index, e in ranking:
         if sum(map(len, chosen.values())) == per_layer * len(layers):
             break
-        same_group = [
-            c
-            for c in chosen[index]
-            if group_size and c // group_size == e // group_size
-        ]
-        if len(chosen[index]) < layer_limit and (
-            group_size is None or len(same_group) < group_limit
-        ):
+        if len(chosen[index]) < layer_limit:
             chosen[index].append(e)
     return {index: sorted(ids) for index, ids in chosen.items()}
 
@@ -274,10 +261,9 @@ class ReferenceMoNE:
         layer_limit: int,
         scoring: str = "mone",
         novice: str = "mean",
-        **groups,
     ):
         layers = self.measure(sorted(self.blocks))
-        chosen = choose_model_wide(layers, scoring, per_layer, layer_limit, **groups)
+        chosen = choose_model_wide(layers, scoring, per_layer, layer_limit)
         for layer in layers:
             self.replace(layer, chosen[layer.index], novice)
         return self

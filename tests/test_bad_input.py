@@ -93,13 +93,13 @@ def test_sparsity_leaving_fewer_than_top_k(tiny_moe, samples, no_calibration):
     )
 
 
-def test_sparsity_breaking_group_limits(tiny_moe, samples, no_calibration):
-    # DeepSeek-V3 test model: 2 groups of 4, one group per token, top-2, so each
-    # group must keep 2 experts; round(0.7 * 8) = 6 keeps 2 in total
+def test_drop_breaking_group_limits(tiny_moe, samples, no_calibration):
+    # DeepSeek-V3 test model: 2 groups of 4, ranked by their top two scores;
+    # dropping round(0.75 * 8) = 6 takes 3 from each group and leaves 1
     fails_before_calibration(
         tiny_moe("deepseek_v3"),
         samples,
-        MoNEPruningModifier(sparsity=0.7),
+        MoNEPruningModifier(sparsity=0.75, novice="drop"),
         r"fewer than 2 experts in some of the 2 routing groups.*`sparsity`",
     )
 

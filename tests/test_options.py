@@ -75,15 +75,30 @@ def test_drop_matches_a_smaller_stock_model(family, tiny_moe, samples, tmp_path)
 @pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
 def test_model_scope(family, tiny_moe, samples, tmp_path):
     path = tiny_moe(family)
-    # DeepSeek-V3 test model: 2 groups of 4, top-2 from 1 group: keep 2 per group
-    groups = dict(group_size=4, group_limit=2) if family == "deepseek_v3" else {}
     reference = ReferenceMoNE(path, samples, NUM_EXPERTS).run_model_scope(
-        per_layer=4, layer_limit=NUM_EXPERTS - TOP_K, **groups
+        per_layer=4, layer_limit=NUM_EXPERTS - TOP_K
     )
     model, layers = run_and_report(path, samples, tmp_path, sparsity=0.5, scope="model")
     for index, expected in reference.layers.items():
         assert layers[index]["novices"] == expected.novices
     assert sum(len(layer["novices"]) for layer in layers.values()) == 4 * len(layers)
+    assert_same_logits(model, reference, samples)
+
+
+def test_group_limited_router_loses_its_lowest_experts(tiny_moe, samples, tmp_path):
+    """Novices keep DeepSeek-V3's group-limited router (2 groups of 4, top-2
+    from 1 group) routing to every expert: at 50% each layer replaces its 4
+    lowest-scoring experts, three of them in one group in some layer, which a
+    cap per group would have refused."""
+    path = tiny_moe("deepseek_v3")
+    reference = ReferenceMoNE(path, samples, NUM_EXPERTS).run_layer_scope(4)
+    model, layers = run_and_report(path, samples, tmp_path, sparsity=0.5)
+    for index, expected in reference.layers.items():
+        assert layers[index]["novices"] == expected.novices
+    assert any(
+        max(sum(e < 4 for e in layer.novices), sum(e >= 4 for e in layer.novices)) > 2
+        for layer in reference.layers.values()
+    )
     assert_same_logits(model, reference, samples)
 
 

@@ -184,47 +184,23 @@ def test_plan_budget_rejects_fewer_than_top_k(sparsity, num_experts, top_k, drop
 
 @pytest.mark.parametrize(
     "num_experts, n_group, top_k, topk_group",
-    [
-        (8, 4, 2, 2),  # group of 2, keep 1 each
-        (8, 2, 2, 1),  # group of 4, keep 2 each
-        (16, 4, 3, 2),  # keep ceil(3/2) = 2 each
-        (256, 8, 8, 4),  # DeepSeek-V3
-        (64, 8, 6, 3),
-    ],
+    [(8, 4, 2, 2), (8, 2, 2, 1), (16, 4, 3, 2), (256, 8, 8, 4), (64, 8, 6, 3)],
 )
-def test_plan_budget_group_limits_novice(num_experts, n_group, top_k, topk_group):
-    group_size = num_experts // n_group
-    keep = -(-top_k // topk_group)
-    group_limit = group_size - keep
-    # every per-layer count that the groups can absorb works ...
+def test_novices_set_no_group_limit(num_experts, n_group, top_k, topk_group):
+    """Novices keep the router full width: a group-limited router routes to
+    every expert as before, so only top_k real experts per layer must stay."""
     for per_layer in range(1, num_experts + 1):
         sparsity = per_layer / num_experts
-        feasible = (
-            per_layer <= n_group * group_limit and num_experts - per_layer >= top_k
-        )
-        if feasible:
+        if num_experts - per_layer >= top_k:
             budget = plan_budget(
                 sparsity, num_experts, top_k, n_group, topk_group, drop=False
             )
-            assert budget == PruningBudget(
-                num_experts, per_layer, num_experts - top_k, group_size, group_limit
-            )
+            assert budget == PruningBudget(num_experts, per_layer, num_experts - top_k)
         else:
-            # ... and every other one raises
             with pytest.raises(ValueError, match="`sparsity`"):
                 plan_budget(
                     sparsity, num_experts, top_k, n_group, topk_group, drop=False
                 )
-
-
-def test_plan_budget_group_infeasible_novice():
-    # groups of 2 with top_k=8 over topk_group=2 groups: each group must keep 4
-    with pytest.raises(ValueError, match="`sparsity`"):
-        plan_budget(0.125, 16, 8, 8, 2, drop=False)
-    # 8 experts in 4 groups of 2, keep 1 per group: at most 4 novices, 5 is too many
-    assert plan_budget(0.5, 8, 2, 4, 2, drop=False).group_limit == 1
-    with pytest.raises(ValueError, match="`sparsity`"):
-        plan_budget(0.625, 8, 2, 4, 2, drop=False)
 
 
 def test_plan_budget_drop_with_groups():
@@ -277,6 +253,32 @@ def test_layer_scope_picks_lowest_per_layer():
     for layer, s in scores.items():
         expected = sorted(torch.topk(s, 4, largest=False).indices.tolist())
         assert chosen[layer] == expected
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_novices_on_group_limited_routers_take_the_lowest_scores(sparsity):
+    """The paper's rule, whatever the routing groups: each layer replaces its
+    P lowest-scoring experts (never-routed first, ties by id), even when they
+    all sit in one group (8 experts in 2 groups, top-2 from 1 group)."""
+    gen = torch.Generator().manual_seed(1)
+    scores = {
+        layer: torch.rand(8, generator=gen, dtype=torch.float64) for layer in range(64)
+    }
+    scores[64] = torch.tensor(
+        [0.1, 0.2, 0.3, 0.4, 5.0, 6.0, 7.0, 8.0], dtype=torch.float64
+    )
+    routed = {layer: torch.rand(8, generator=gen) < 0.9 for layer in scores}
+    routed[64] = torch.ones(8, dtype=torch.bool)
+    budget = plan_budget(sparsity, 8, 2, 2, 1, drop=False)
+    chosen = select_novices(scores, routed, budget, model_wide=False)
+    count = round(sparsity * 8)
+    for layer in scores:
+        rule = sorted(
+            range(8), key=lambda e: (bool(routed[layer][e]), float(scores[layer][e]), e)
+        )
+        assert chosen[layer] == sorted(rule[:count])
+    # the case a per-group cap would change: the lowest all in group 0
+    assert chosen[64] == list(range(count))
 
 
 def test_layer_scope_is_per_layer_not_global():
@@ -449,8 +451,7 @@ def test_group_limited_layer_scope_matches_brute_force(setup):
 def test_group_limit_skips_cheaper_expert_in_full_group():
     # groups {0,1}, {2,3}, {4,5}, {6,7}; one novice per group at most
     scores, routed = as_inputs({0: [0.1, 0.2, 0.3, 0.9, 0.8, 0.7, 0.6, 0.5]})
-    budget = plan_budget(0.375, 8, 2, 4, 2, drop=False)
-    assert budget.group_limit == 1
+    budget = PruningBudget(8, 3, 6, group_size=2, group_limit=1)
     assert select_novices(scores, routed, budget, False) == {0: [0, 2, 7]}
 
 

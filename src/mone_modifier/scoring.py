@@ -3,9 +3,11 @@ Expert redundancy scores and the choice of which experts become novices.
 
 Lower score = more redundant. Selection is a greedy walk over experts in
 (never routed first, score, layer, expert id) order that respects capacity
-limits: how many experts a layer, or a routing group within a layer, may lose.
-Both scopes (per layer, whole model) and the group-limited routers of
-DeepSeek-V3 use the same walk with different limits.
+limits: how many experts a layer, or (when ``drop`` shrinks a group-limited
+router) a routing group within a layer, may lose. Both scopes (per layer,
+whole model) use the same walk with different limits; with novices and
+``scope: layer`` it takes exactly the ``P`` lowest-scoring experts of each
+layer, the method's rule.
 """
 
 import random
@@ -90,11 +92,11 @@ def plan_budget(
     Turn ``sparsity`` into a per-layer count and capacity limits, or explain
     why it cannot work, before any calibration.
 
-    Novices keep the router full width, so every layer only has to keep top_k
-    real experts (and, with group-limited routing, ``ceil(top_k / topk_group)``
-    per group, so that any ``topk_group`` groups hold top_k real experts).
-    Dropping experts shrinks the router, whose group view needs the same
-    number of experts in every group: each group then loses ``P / n_group``.
+    Novices keep the router full width: it still routes to every expert of
+    every group, so routing groups set no limit, and every layer only has to
+    keep top_k real experts. Dropping experts shrinks the router, whose group
+    view needs the same number of experts in every group: each group then
+    loses ``P / n_group`` and keeps enough to rank (two) and fill top_k.
     """
     per_layer = round(sparsity * num_experts)
     if per_layer == 0:
@@ -110,26 +112,22 @@ def plan_budget(
             f"top_k={top_k}. Lower `sparsity` to at most "
             f"{(num_experts - top_k) / num_experts:.4f}."
         )
-    if n_group is None:
+    if n_group is None or not drop:
         return PruningBudget(num_experts, per_layer, num_experts - top_k)
 
     group_size = num_experts // n_group
-    if drop:
-        if per_layer % n_group:
-            raise ValueError(
-                f"novice: drop shrinks a group-limited router (n_group={n_group}), "
-                f"which needs every group to lose the same number of experts, but "
-                f"sparsity={sparsity} drops {per_layer} of {num_experts}. Choose "
-                f"`sparsity` so that round(sparsity * {num_experts}) is a multiple "
-                f"of {n_group}, or use a novice mode that keeps the router."
-            )
-        group_limit = per_layer // n_group
-        # DeepSeek-V3's router ranks groups by the sum of their top two scores
-        min_kept = max(2, ceil(top_k / topk_group))
-    else:
-        min_kept = ceil(top_k / topk_group)
-        group_limit = group_size - min_kept
-    if group_size - group_limit < min_kept or per_layer > n_group * group_limit:
+    if per_layer % n_group:
+        raise ValueError(
+            f"novice: drop shrinks a group-limited router (n_group={n_group}), "
+            f"which needs every group to lose the same number of experts, but "
+            f"sparsity={sparsity} drops {per_layer} of {num_experts}. Choose "
+            f"`sparsity` so that round(sparsity * {num_experts}) is a multiple "
+            f"of {n_group}, or use a novice mode that keeps the router."
+        )
+    group_limit = per_layer // n_group
+    # DeepSeek-V3's router ranks groups by the sum of their top two scores
+    min_kept = max(2, ceil(top_k / topk_group))
+    if group_size - group_limit < min_kept:
         raise ValueError(
             f"sparsity={sparsity} would leave fewer than {min_kept} experts in some "
             f"of the {n_group} routing groups of {group_size} experts; the router "
