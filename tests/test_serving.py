@@ -34,28 +34,27 @@ NEW_TOKENS = 32
 LOGPROB_ATOL = 1e-4
 
 # vLLM's CPU backend wants head_dim in {32, 64, ...} and hidden_size a
-# multiple of 32
-SERVABLE = {
-    "olmoe": dict(hidden_size=128),
-    "qwen3_moe": dict(hidden_size=128, head_dim=32),
-    "qwen2_moe": dict(hidden_size=128),
-    "mixtral": dict(hidden_size=128),
-    "gpt_oss": dict(hidden_size=128, head_dim=32),
-}
-FAMILIES = list(SERVABLE)
-# vLLM's CPU MLA kernel takes kv_lora_rank + qk_rope_head_dim = 576 only;
-# DeepSeek-V3's own routing fields, which vLLM reads and transformers' config
-# lacks
-DEEPSEEK_V3 = dict(
+# multiple of 32; its MLA kernel (DeepSeek) takes kv_lora_rank +
+# qk_rope_head_dim = 576 only
+MLA = dict(
     hidden_size=128,
     kv_lora_rank=512,
     qk_rope_head_dim=64,
     qk_nope_head_dim=32,
     v_head_dim=32,
     head_dim=64,
-    topk_method="noaux_tc",
-    scoring_func="sigmoid",
 )
+SERVABLE = {
+    "olmoe": dict(hidden_size=128),
+    "qwen3_moe": dict(hidden_size=128, head_dim=32),
+    "qwen2_moe": dict(hidden_size=128),
+    "mixtral": dict(hidden_size=128),
+    "deepseek_v2": MLA,
+    # DeepSeek-V3's routing fields, which vLLM reads and transformers' config lacks
+    "deepseek_v3": dict(MLA, topk_method="noaux_tc", scoring_func="sigmoid"),
+    "gpt_oss": dict(hidden_size=128, head_dim=32),
+}
+FAMILIES = list(SERVABLE)
 LAYOUTS = ["approximate_experts", "expert_substitution"]
 
 
@@ -114,18 +113,20 @@ def zero_novices(source: Path, out: Path):
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
 
 
-def silence_experts(source: Path, novices: dict, out: Path) -> Path:
-    """A copy of an unpruned checkpoint (per-expert tensors) whose experts
-    named in ``novices`` output zero: a stock model that routes like the
-    pruned one and gets nothing from its novices."""
-    shutil.copytree(source, out)
-    tensors = load_file(out / "model.safetensors")
-    for layer, ids in novices.items():
-        for expert in ids:
-            name = f"model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"
-            tensors[name] = torch.zeros_like(tensors[name])
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+def without_rotary_queries(path: Path):
+    """Zero the rotary part of every DeepSeek query projection. vLLM 0.32 on
+    CPU applies DeepSeek's rotary embedding differently from transformers
+    (the two agree at position 0, and everywhere once queries carry no
+    rotary part): attention still depends on the tokens, and the MoE layers,
+    which the plugin changes, are compared exactly."""
+    config = json.loads((path / "config.json").read_text())
+    head = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
+    tensors = load_file(path / "model.safetensors")
+    for name, weight in tensors.items():
+        if name.endswith("self_attn.q_proj.weight"):
+            rows = weight.view(config["num_attention_heads"], head, -1)
+            rows[:, config["qk_nope_head_dim"] :] = 0
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,8 @@ def checkpoints(tmp_path_factory, samples) -> dict:
     out = {}
     for family in FAMILIES:
         source = build_tiny_moe(family, root / f"{family}-source", **SERVABLE[family])
+        if family.startswith("deepseek"):
+            without_rotary_queries(source)
         model = run_oneshot(source, samples, MoNEPruningModifier(sparsity=0.25))
         novices = model.config.approximate_experts
         path = save(model, source, root / f"{family}-approximate_experts")
@@ -147,16 +150,6 @@ def checkpoints(tmp_path_factory, samples) -> dict:
         )
         zero_novices(path, root / f"{family}-zero")
         out[f"{family}-zero"] = (root / f"{family}-zero", reference)
-
-    source = build_tiny_moe("deepseek_v3", root / "deepseek_v3-source", **DEEPSEEK_V3)
-    zero = MoNEPruningModifier(sparsity=0.25, novice="zero")
-    model = run_oneshot(source, samples, zero)
-    path = save(model, source, root / "deepseek_v3-zero")
-    out["deepseek_v3-zero"] = (path, None)
-    out["deepseek_v3-silent"] = (
-        silence_experts(source, model.config.approximate_experts, root / "silent"),
-        None,
-    )
 
     source = root / "olmoe-source"
     model = run_oneshot(
@@ -227,16 +220,6 @@ def test_novice_term_is_measured(family, checkpoints, with_plugin):
         abs(a - b) for a, b in zip(result["logprobs"], reference["logprobs"])
     )
     assert result["tokens"] != reference["tokens"] or difference > 100 * LOGPROB_ATOL
-
-
-def test_deepseek_v3_routes_like_stock_vllm(with_plugin):
-    """DeepSeek-V3 (group-limited sigmoid routing with correction bias,
-    scaled, a dense first layer, a shared expert) with zero novices serves
-    like stock vLLM on the unpruned model whose replaced experts output zero.
-    (Against transformers no test can tell: stock vLLM 0.32 on CPU does not
-    reproduce transformers' tokens on this tiny DeepSeek-V3 even unpruned.)"""
-    assert "error" not in with_plugin["deepseek_v3-silent"]
-    assert_matches(with_plugin["deepseek_v3-zero"], with_plugin["deepseek_v3-silent"])
 
 
 def test_drop_checkpoint_serves_in_stock_vllm(checkpoints, stock):
