@@ -12,6 +12,7 @@ JSON of every number, and PNG plots into ``--out``.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -197,15 +198,23 @@ def choice_task(domains: dict, directory: Path, questions: int, seed: int = 0) -
     return "continuation_choice"
 
 
+@functools.cache
+def task_manager(directory: Path):
+    """lm-eval's task index, built once per run: it reads every task lm-eval
+    ships, which takes longer than evaluating a quick-mode model."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(directory))
+
+
 def choice_accuracy(model, tokenizer, task: str, directory: Path) -> float:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     results = lm_eval.simple_evaluate(
         model=HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=8),
         tasks=[task],
-        task_manager=TaskManager(include_path=str(directory)),
+        task_manager=task_manager(directory),
         verbosity="ERROR",
     )
     return results["results"][task]["acc_mutual_info,none"]
@@ -633,7 +642,8 @@ def main(argv=None):
         training = setup.models[model_name]
         seq_len = training.seq_len
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        evaluate = Evaluator(tokenizer, domains, plan, seq_len, work / model_name)
+        # one choice task (text only) for every model, so one lm-eval task index
+        evaluate = Evaluator(tokenizer, domains, plan, seq_len, work)
         hidden = training.config["hidden_size"]
         timer = PhaseTimer()
         with timer("quality"):

@@ -97,9 +97,8 @@ def calibration_samples(args: argparse.Namespace):
     return Dataset.from_dict({"text": texts})
 
 
-def evaluate(checkpoint: str, args: argparse.Namespace) -> dict[str, float]:
+def evaluate(checkpoint: str, args: argparse.Namespace, tasks) -> dict[str, float]:
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     import mone_modifier.evaluation  # noqa: F401  (registers "mone")
 
@@ -107,7 +106,7 @@ def evaluate(checkpoint: str, args: argparse.Namespace) -> dict[str, float]:
         model="mone",
         model_args=f"pretrained={checkpoint}",
         tasks=args.tasks,
-        task_manager=TaskManager(include_path=args.include_path),
+        task_manager=tasks,
         batch_size=args.batch_size,
         device=args.device,
     )
@@ -123,7 +122,11 @@ def main(argv=None):
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     dataset = calibration_samples(args)
-    runs = {"unpruned": evaluate(args.model, args)}
+    from lm_eval.tasks import TaskManager
+
+    # lm-eval's task index reads every task it ships: build it once
+    tasks = TaskManager(include_path=args.include_path)
+    runs = {"unpruned": evaluate(args.model, args, tasks)}
     for sparsity in args.sparsities:
         for method in args.methods:
             name = f"{method}_{int(round(sparsity * 100))}"
@@ -135,7 +138,7 @@ def main(argv=None):
                 max_seq_length=args.max_seq_length,
                 output_dir=str(args.out / name),
             )
-            runs[name] = evaluate(str(args.out / name), args)
+            runs[name] = evaluate(str(args.out / name), args, tasks)
             (args.out / "results.json").write_text(json.dumps(runs, indent=2))
     columns = [*args.tasks, "average"]
     lines = ["| run | " + " | ".join(columns) + " |"]

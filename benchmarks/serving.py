@@ -91,7 +91,7 @@ def main(argv=None):
     logger.remove()
     config = QUICK_MODEL if args.quick else MODEL
     samples, prompts, new_tokens, rounds, repeats = (
-        (16, 4, 16, 2, 1) if args.quick else (64, 32, 64, 5, 3)
+        (16, 4, 16, 1, 1) if args.quick else (64, 32, 64, 5, 3)
     )
     python = serving_python()
 
