@@ -1,10 +1,20 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from datasets import Dataset
-from loguru import logger
+# Under pytest-xdist (the README's test command) the workers share the
+# cores: each, and every process it starts, takes its share of threads,
+# since oversubscribed torch threads spin far slower than one each.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from loguru import logger  # noqa: E402
+
+if workers:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -38,6 +38,24 @@ _COMMON = dict(
     num_experts_per_tok=TOP_K,
 )
 
+_DEEPSEEK = dict(
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    n_routed_experts=NUM_EXPERTS,
+    n_group=2,
+    topk_group=1,
+    n_shared_experts=1,
+    moe_intermediate_size=32,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=16,
+    q_lora_rank=None,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    head_dim=8,
+    num_key_value_heads=4,
+)
+
 _FAMILY = {
     "olmoe": dict(num_experts=NUM_EXPERTS),
     "qwen3_moe": dict(
@@ -55,42 +73,9 @@ _FAMILY = {
     "mixtral": dict(num_local_experts=NUM_EXPERTS),
     # sigmoid routing with correction bias, two routing groups of which one is
     # chosen per token, one dense first layer, a shared expert
-    "deepseek_v3": dict(
-        num_hidden_layers=3,
-        first_k_dense_replace=1,
-        n_routed_experts=NUM_EXPERTS,
-        n_group=2,
-        topk_group=1,
-        n_shared_experts=1,
-        moe_intermediate_size=32,
-        routed_scaling_factor=2.5,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        head_dim=8,
-        num_key_value_heads=4,
-    ),
-    # DeepSeek-V2's softmax routing, limited to one of two groups per token
-    "deepseek_v2": dict(
-        num_hidden_layers=3,
-        first_k_dense_replace=1,
-        n_routed_experts=NUM_EXPERTS,
-        topk_method="group_limited_greedy",
-        n_group=2,
-        topk_group=1,
-        n_shared_experts=1,
-        moe_intermediate_size=32,
-        routed_scaling_factor=2.5,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        head_dim=8,
-        num_key_value_heads=4,
-    ),
+    "deepseek_v3": _DEEPSEEK,
+    # the same shape with DeepSeek-V2's softmax routing over the groups
+    "deepseek_v2": dict(_DEEPSEEK, topk_method="group_limited_greedy"),
     "gpt_oss": dict(
         num_local_experts=NUM_EXPERTS,
         head_dim=16,
