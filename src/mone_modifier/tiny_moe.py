@@ -21,7 +21,15 @@ from llmcompressor.modeling.moe.linearize import (
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-FAMILIES = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss"]
+FAMILIES = [
+    "olmoe",
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gpt_oss",
+]
 VOCAB = 96
 NUM_EXPERTS = 8
 TOP_K = 2
