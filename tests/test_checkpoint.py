@@ -19,7 +19,14 @@ from helpers import novice_vectors, run_oneshot, tree_digest
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.tiny_moe import NUM_EXPERTS
 
-SAVE_FAMILIES = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
+SAVE_FAMILIES = [
+    "olmoe",
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "deepseek_v2",
+    "deepseek_v3",
+]
 
 
 def tensors(directory) -> dict[str, torch.Tensor]:

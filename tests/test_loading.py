@@ -190,7 +190,14 @@ def test_missing_directory_gets_a_clear_error(tmp_path):
         mone_modifier.from_pretrained(tmp_path / "no-such-checkpoint")
 
 
-QUANTIZED_FAMILIES = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
+QUANTIZED_FAMILIES = [
+    "olmoe",
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "deepseek_v2",
+    "deepseek_v3",
+]
 
 
 @pytest.mark.parametrize("family", QUANTIZED_FAMILIES)

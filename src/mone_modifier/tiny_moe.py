@@ -95,6 +95,13 @@ _FAMILY = {
 
 # W4A16 quantizes in groups of 128 input features: every Linear's input
 # (hidden size, attention output, expert intermediate size) a multiple of 128
+_DEEPSEEK_QUANTIZABLE = dict(
+    hidden_size=128,
+    intermediate_size=128,
+    moe_intermediate_size=128,
+    kv_lora_rank=128,
+    v_head_dim=32,
+)
 _GROUP_QUANTIZABLE = {
     "olmoe": dict(hidden_size=128, intermediate_size=128),
     "qwen3_moe": dict(hidden_size=128, moe_intermediate_size=128, head_dim=32),
@@ -102,13 +109,8 @@ _GROUP_QUANTIZABLE = {
         hidden_size=128, moe_intermediate_size=128, shared_expert_intermediate_size=128
     ),
     "mixtral": dict(hidden_size=128, intermediate_size=128),
-    "deepseek_v3": dict(
-        hidden_size=128,
-        intermediate_size=128,
-        moe_intermediate_size=128,
-        kv_lora_rank=128,
-        v_head_dim=32,
-    ),
+    "deepseek_v2": _DEEPSEEK_QUANTIZABLE,
+    "deepseek_v3": _DEEPSEEK_QUANTIZABLE,
     "gpt_oss": dict(hidden_size=128, intermediate_size=128, head_dim=32),
 }
 
