@@ -13,9 +13,12 @@ from llmcompressor import oneshot
 from safetensors.torch import load_file, save_file
 
 from conftest import as_dataset
-from mone_modifier.tiny_moe import NUM_EXPERTS
+from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+# GPT-OSS's experts (fused gate-up projections with biases) have their own
+# checkpoint layout and quantization tests
+PROJECTION_FAMILIES = [family for family in FAMILIES if family != "gpt_oss"]
 
 
 def run_oneshot(

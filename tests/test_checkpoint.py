@@ -15,18 +15,9 @@ from transformers import AutoModelForCausalLM
 
 import mone_modifier
 from devices import DEVICE, assert_close
-from helpers import novice_vectors, run_oneshot, tree_digest
+from helpers import PROJECTION_FAMILIES, novice_vectors, run_oneshot, tree_digest
 from mone_modifier import MoNEPruningModifier
-from mone_modifier.tiny_moe import NUM_EXPERTS
-
-SAVE_FAMILIES = [
-    "olmoe",
-    "qwen3_moe",
-    "qwen2_moe",
-    "mixtral",
-    "deepseek_v2",
-    "deepseek_v3",
-]
+from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS
 
 
 def tensors(directory) -> dict[str, torch.Tensor]:
@@ -37,7 +28,7 @@ def tensors(directory) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("family", SAVE_FAMILIES)
+@pytest.mark.parametrize("family", PROJECTION_FAMILIES)
 def test_novice_checkpoint_layout(family, tiny_moe, samples, tmp_path):
     out = tmp_path / "out"
     model = run_oneshot(
@@ -137,7 +128,7 @@ def test_checkpoint_smaller_by_pruned_experts(sparsity, tiny_moe, samples, tmp_p
     )
 
 
-@pytest.mark.parametrize("family", SAVE_FAMILIES + ["gpt_oss"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_drop_export_loads_in_plain_transformers(family, tiny_moe, samples, tmp_path):
     model = run_oneshot(
         tiny_moe(family), samples, MoNEPruningModifier(sparsity=0.25, novice="drop")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import mone_modifier
 from devices import DEVICE, assert_close
-from helpers import run_oneshot, to_expert_substitution
+from helpers import PROJECTION_FAMILIES, run_oneshot, to_expert_substitution
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.loading import NoviceMoEExperts
 from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS, build_tiny_moe
@@ -190,17 +190,7 @@ def test_missing_directory_gets_a_clear_error(tmp_path):
         mone_modifier.from_pretrained(tmp_path / "no-such-checkpoint")
 
 
-QUANTIZED_FAMILIES = [
-    "olmoe",
-    "qwen3_moe",
-    "qwen2_moe",
-    "mixtral",
-    "deepseek_v2",
-    "deepseek_v3",
-]
-
-
-@pytest.mark.parametrize("family", QUANTIZED_FAMILIES)
+@pytest.mark.parametrize("family", PROJECTION_FAMILIES)
 @pytest.mark.parametrize("recipe", ["mone_w4", "mone_w4_50"])
 def test_w4a16_reload_equals_in_memory_model(
     family, recipe, quantizable_moe, samples, tmp_path
@@ -223,7 +213,7 @@ def test_w4a16_reload_equals_in_memory_model(
     assert sum(p.numel() for p in loaded.parameters()) == params
 
 
-@pytest.mark.parametrize("family", QUANTIZED_FAMILIES)
+@pytest.mark.parametrize("family", PROJECTION_FAMILIES)
 def test_fp8_reload_holds_the_fp8_weights(family, quantizable_moe, samples, tmp_path):
     model = run_oneshot(
         quantizable_moe(family), samples, str(RECIPES / "mone_fp8.yaml")
