@@ -16,8 +16,9 @@ from conftest import as_dataset
 from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
-# GPT-OSS's experts (fused gate-up projections with biases) have their own
-# checkpoint layout and quantization tests
+# families whose experts are separate gate / up / down projections: the
+# per-expert checkpoint-layout and quantized-reload tests name those tensors,
+# so GPT-OSS (fused gate-up projections with biases) is not among them
 PROJECTION_FAMILIES = [family for family in FAMILIES if family != "gpt_oss"]
 
 
