@@ -6,6 +6,9 @@ expert's weights are never allocated. Each MoE layer's experts become the
 architecture's own fused experts module holding only the retained experts,
 packed from the checkpoint's per-expert tensors; a layer with novices wraps
 it in ``NoviceMoEExperts``, which adds the novices with one gather.
+Every other tensor goes through transformers' own loading path (its renames
+and converters for the architecture), so the model loads as transformers
+would load it.
 """
 
 import re
@@ -16,9 +19,20 @@ import torch
 from accelerate import init_empty_weights
 from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-from transformers.core_model_loading import WeightRenaming
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightRenaming,
+    convert_and_load_state_dict_in_model,
+    rename_source_key,
+)
+from transformers.modeling_utils import LoadStateDictConfig
 
 from mone_format import (
     NOVICE_TENSOR,
@@ -118,43 +132,67 @@ def from_pretrained(
             f"config.json); pass the directory a pruned model was saved to"
         )
     config = AutoConfig.from_pretrained(path)
+    auto_class = model_class(config)
     text_config = config.get_text_config()
     novices = read_novices(config, expert_count(text_config))
     if not novices:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        return auto_class.from_pretrained(path, dtype=dtype, **kwargs)
 
-    rename = _key_renamer(config.model_type)
-    tensors = _checkpoint_tensors(path, rename)
+    tensors = _checkpoint_tensors(path)
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None:
         tensors = dequantize_tensors(tensors, quantization)
+    # transformers' loading path casts every tensor to its parameter's dtype:
+    # build in the requested one, else the checkpoint's (its "auto")
+    build_dtype = dtype or _config_dtype(text_config)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model = auto_class.from_config(config, dtype=build_dtype, **kwargs)
     text_config = model.config.get_text_config()
+    weight_mapping = get_model_conversion_mapping(model)
+    model_names = _model_names(model, weight_mapping, tensors)
     moe_layers = get_non_linearized_moes(model)
     _check_novice_layers(novices, [layer_index(name) for name, _ in moe_layers], path)
     for name, experts in moe_layers:
         layer = layer_index(name)
         stored = novices.get(layer, LayerNovices({}))
         per_expert = _logical_experts(
-            tensors, name, stored, experts.num_experts, rename
+            tensors, model_names, name, stored, experts.num_experts
         )
         model.set_submodule(
             name, _load_layer(type(experts), text_config, layer, per_expert, stored)
         )
-    unexpected = model.load_state_dict(
-        tensors, strict=False, assign=True
-    ).unexpected_keys
+    info = _load_the_rest(model, tensors, weight_mapping, build_dtype)
     model.tie_weights()  # a tied lm_head is not in the checkpoint
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if unexpected or missing:
+    unexpected = sorted(info.unexpected_keys)
+    mismatched = sorted(info.mismatched_keys)
+    if unexpected or missing or mismatched:
         raise ValueError(
             f"checkpoint {path} does not match its model: tensors without a "
-            f"parameter {unexpected[:5]}, parameters without a tensor {missing[:5]}"
+            f"parameter {unexpected[:5]}, parameters without a tensor "
+            f"{missing[:5]}, tensors of another shape {mismatched[:5]}"
         )
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def model_class(config: PretrainedConfig) -> type:
+    """The auto class that builds ``config``'s model with a language-model
+    head: causal LM, else image-text-to-text (vision-language MoE models such
+    as Qwen3-VL-MoE have no causal-LM class)."""
+    for auto_class in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto_class._model_mapping:
+            return auto_class
+    raise ValueError(
+        f"no causal-LM or image-text-to-text model for config "
+        f"{type(config).__name__} (model_type {config.model_type!r})"
+    )
+
+
+def _config_dtype(config: PretrainedConfig) -> torch.dtype:
+    value = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, value) if isinstance(value, str) else value
 
 
 def _check_novice_layers(novices: dict, moe_layers: list[int], path: Path):
@@ -166,31 +204,56 @@ def _check_novice_layers(novices: dict, moe_layers: list[int], path: Path):
         )
 
 
-def _key_renamer(model_type: str):
-    """Checkpoint name -> model parameter name (transformers' renames, e.g.
-    Mixtral's ``block_sparse_moe`` -> ``mlp``)."""
-    rules = [
-        rule
-        for rule in get_checkpoint_conversion_mapping(model_type) or []
-        if isinstance(rule, WeightRenaming)
-    ]
+def _model_names(
+    model: PreTrainedModel, weight_mapping: list, tensors: dict[str, torch.Tensor]
+) -> dict[str, str]:
+    """Checkpoint name -> model name, by transformers' own load-time renames
+    (scoped per sub-model, e.g. Mixtral's ``block_sparse_moe`` -> ``mlp``),
+    without its converters: those merge per-expert tensors into fused ones
+    and so lose the expert id the novices are found by."""
+    renamings = [t for t in weight_mapping if isinstance(t, WeightRenaming)]
+    meta_state_dict = model.state_dict()
+    return {
+        key: rename_source_key(
+            key, renamings, [], model.base_model_prefix, meta_state_dict
+        )[0]
+        for key in tensors
+    }
 
-    def rename(key: str) -> str:
-        for rule in rules:
-            key, _ = rule.rename_source_key(key)
-        return key
 
-    return rename
+def _load_the_rest(
+    model: PreTrainedModel,
+    tensors: dict[str, torch.Tensor],
+    weight_mapping: list,
+    dtype: torch.dtype,
+):
+    """Load every tensor but the experts through transformers' loading path
+    (renames, converters such as Kimi-Linear's concatenated convolutions,
+    base-model prefixes); it records the conversions, so the model saves
+    back to the checkpoint format."""
+    config = LoadStateDictConfig(
+        dtype=dtype,
+        dtype_plan=model._get_dtype_plan(dtype),
+        weight_mapping=weight_mapping,
+    )
+    info, _ = convert_and_load_state_dict_in_model(model, tensors, config)
+    return info
 
 
-def _pop(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+def _pop_named(
+    tensors: dict[str, torch.Tensor], model_names: dict[str, str], name: str
+) -> torch.Tensor:
+    """The tensor the config names, by its checkpoint name or, as written
+    by a loaded model, by its model name."""
+    if name not in tensors:
+        name = next((k for k in tensors if model_names[k] == name), name)
     if name not in tensors:
         raise ValueError(f"the checkpoint has no tensor {name!r} named by its config")
     return tensors.pop(name)
 
 
-def _checkpoint_tensors(path: Path, rename) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, under the model's parameter names."""
+def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, under its checkpoint name."""
     tensors = {}
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -198,24 +261,25 @@ def _checkpoint_tensors(path: Path, rename) -> dict[str, torch.Tensor]:
     for file in files:
         with safe_open(file, "pt") as f:
             for key in f.keys():
-                tensors[rename(key)] = f.get_tensor(key)
+                tensors[key] = f.get_tensor(key)
     return tensors
 
 
 def _logical_experts(
     tensors: dict[str, torch.Tensor],
+    model_names: dict[str, str],
     experts_name: str,
     stored: LayerNovices,
     num_experts: int,
-    rename,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Take one layer's expert tensors out of ``tensors``, keyed by logical
-    expert id: ``<experts_name>.<id>.<tensor>``, with compact ids mapped back
-    and novices named in the config added as ``approx_value``."""
+    expert id: ``<experts_name>.<id>.<tensor>`` under its model name, with
+    compact ids mapped back and novices named in the config added as
+    ``approx_value``."""
     pattern = re.compile(rf"{re.escape(experts_name)}\.(\d+)\.(.+)")
     per_expert: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key in [k for k in tensors if pattern.fullmatch(k)]:
-        expert, tensor = pattern.fullmatch(key).groups()
+    for key in [k for k in tensors if pattern.fullmatch(model_names[k])]:
+        expert, tensor = pattern.fullmatch(model_names[key]).groups()
         per_expert[int(expert)][tensor] = tensors.pop(key)
     if stored.compact:
         retained = [i for i in range(num_experts) if i not in stored.novices]
@@ -228,7 +292,9 @@ def _logical_experts(
             )
     for expert, tensor_name in stored.novices.items():
         if tensor_name is not None:
-            per_expert[expert] = {NOVICE_TENSOR: _pop(tensors, rename(tensor_name))}
+            per_expert[expert] = {
+                NOVICE_TENSOR: _pop_named(tensors, model_names, tensor_name)
+            }
     return dict(per_expert)
 
 
