@@ -18,6 +18,7 @@ if workers:
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from family_configs import build_family_model  # noqa: E402
 from mone_modifier.tiny_moe import (  # noqa: E402
     build_tiny_moe,
     calibration_ids,
@@ -37,6 +38,20 @@ def tiny_moe(tmp_path_factory):
     def get(family: str) -> Path:
         if family not in cache:
             cache[family] = build_tiny_moe(family, root / family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """model type -> path of its tiny model (built once per session)."""
+    root = tmp_path_factory.mktemp("every-family")
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = build_family_model(family, root / family)
         return cache[family]
 
     return get

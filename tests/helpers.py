@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
+from compressed_tensors.offload import update_offload_parameter
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from llmcompressor import oneshot
+from llmcompressor.utils.helpers import DisableQuantization
 from safetensors.torch import load_file, save_file
 
 from conftest import as_dataset
@@ -42,6 +45,31 @@ def run_oneshot(
         pipeline=pipeline,
         **kwargs,
     )
+
+
+@torch.no_grad()
+def fp8_rounded_logits(model, samples: torch.Tensor) -> torch.Tensor:
+    """
+    The logits a reload of an FP8 oneshot model gives: the same network with
+    every quantized weight rounded to FP8 by compressed-tensors and no
+    activation quantization (left to the engine). Call it before saving:
+    saving compresses the model in place (and re-quantizing FP8-rounded
+    weights with the same scales gives the same FP8 values). Weights are
+    written through the offload cache, since on CUDA ``module.weight`` is an
+    onloaded copy of the weight the forward reads.
+    """
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is not None and scheme.weights is not None:
+            rounded = fake_quantize(
+                module.weight,
+                module.weight_scale,
+                getattr(module, "weight_zero_point", None),
+                scheme.weights,
+            )
+            update_offload_parameter(module, "weight", rounded)
+    with DisableQuantization(model):
+        return model(input_ids=samples).logits
 
 
 def run_quick(script: str, out: Path, *args: str):

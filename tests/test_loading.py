@@ -5,14 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from compressed_tensors.offload import update_offload_parameter
-from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-from llmcompressor.utils.helpers import DisableQuantization
 from safetensors.torch import load_file, save_file
 
 import mone_modifier
 from devices import DEVICE, assert_close
-from helpers import PROJECTION_FAMILIES, run_oneshot, to_expert_substitution
+from helpers import (
+    PROJECTION_FAMILIES,
+    fp8_rounded_logits,
+    run_oneshot,
+    to_expert_substitution,
+)
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.loading import NoviceMoEExperts
 from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS, build_tiny_moe
@@ -219,25 +221,7 @@ def test_fp8_reload_holds_the_fp8_weights(family, quantizable_moe, samples, tmp_
         quantizable_moe(family), samples, str(RECIPES / "mone_fp8.yaml")
     )
 
-    # the same network with every quantized weight rounded to FP8 by
-    # compressed-tensors and no activation quantization (left to the engine);
-    # computed first: saving compresses the model in place (and re-quantizing
-    # FP8-rounded weights with the same scales gives the same FP8 values);
-    # written through the offload cache, since on CUDA ``module.weight`` is an
-    # onloaded copy of the weight the forward reads
-    with torch.no_grad():
-        for module in model.modules():
-            scheme = getattr(module, "quantization_scheme", None)
-            if scheme is not None and scheme.weights is not None:
-                rounded = fake_quantize(
-                    module.weight,
-                    module.weight_scale,
-                    getattr(module, "weight_zero_point", None),
-                    scheme.weights,
-                )
-                update_offload_parameter(module, "weight", rounded)
-        with DisableQuantization(model):
-            expected = model(input_ids=samples).logits
+    expected = fp8_rounded_logits(model, samples)
     model.save_pretrained(tmp_path / "out")
 
     loaded = mone_modifier.from_pretrained(tmp_path / "out").to(DEVICE)

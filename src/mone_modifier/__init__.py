@@ -3,16 +3,21 @@ MoNE expert pruning for llm-compressor.
 
 Importing this package registers ``MoNEPruningModifier`` with llm-compressor's
 ``ModifierFactory``, so YAML recipes can name it, and makes ``oneshot`` refuse
-a MoNE checkpoint given by its path (transformers cannot load one).
+a MoNE checkpoint given by its path (transformers cannot load one), and
+explain a failure of llm-compressor's expert linearisation.
 """
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
 from mone_modifier.base import MoNEPruningModifier
 from mone_modifier.loading import from_pretrained
-from mone_modifier.validation import refuse_pruned_checkpoints_in_oneshot
+from mone_modifier.validation import (
+    explain_linearisation_failures,
+    refuse_pruned_checkpoints_in_oneshot,
+)
 
 __all__ = ["MoNEPruningModifier", "from_pretrained"]
 
 ModifierFactory.register("MoNEPruningModifier", MoNEPruningModifier)
 refuse_pruned_checkpoints_in_oneshot()
+explain_linearisation_failures()

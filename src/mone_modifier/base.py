@@ -17,10 +17,6 @@ from compressed_tensors.distributed import (
 from compressed_tensors.offload import get_execution_device
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
-from llmcompressor.modifiers.pruning.reap.utils import (
-    prune_moe_layer,
-    update_model_config,
-)
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import distributed as dist
@@ -29,6 +25,11 @@ from mone_format import record_novices
 from mone_modifier import sequential_tracing
 from mone_modifier.calibration import RoutedBatch
 from mone_modifier.checkpoint import install_checkpoint_writer
+from mone_modifier.expert_dropping import (
+    check_droppable,
+    drop_experts,
+    set_expert_count,
+)
 from mone_modifier.moe_layers import MoELayer, MoEModel, find_moe_layers
 from mone_modifier.novice import (
     NoviceKind,
@@ -47,6 +48,7 @@ from mone_modifier.stacking import forget_modules
 from mone_modifier.statistics import LayerStatistics, reduce_across_ranks
 from mone_modifier.validation import (
     check_calibration_tokens,
+    check_family_supported,
     check_not_pruned,
     check_rank_data,
     check_recipe_order,
@@ -178,9 +180,17 @@ class MoNEPruningModifier(Modifier):
         check_recipe_order(self)
         check_rank_data(state.data.calib)
         check_not_pruned(state.model)
+        check_family_supported(state.model)
         self._moe = find_moe_layers(state.model, self.ignore)
         attrs = self._moe.attrs
         check_calibration_tokens(state.data.calib, attrs.num_experts, attrs.top_k)
+        if self.novice == "drop":
+            check_droppable(
+                state.model,
+                [layer.name for layer in self._moe.layers],
+                attrs.router_attr,
+                attrs.num_experts,
+            )
         self._budget = plan_budget(
             self.sparsity,
             attrs.num_experts,
@@ -247,7 +257,12 @@ class MoNEPruningModifier(Modifier):
         dropped_to = None
         if self.novice == "drop":
             dropped_to = self._moe.attrs.num_experts - self._budget.per_layer
-            update_model_config(state.model, self._moe.attrs, dropped_to)
+            changed = set_expert_count(
+                state.model.config,
+                dropped_to,
+                extra_keys=(self._moe.attrs.num_experts_config_key,),
+            )
+            logger.info(f"MoNE: config {', '.join(changed)} -> {dropped_to}")
         install_checkpoint_writer(
             state.model, dropped_to, stock_architectures=self.stock_architectures
         )
@@ -354,7 +369,13 @@ class MoNEPruningModifier(Modifier):
         experts = self._moe.experts(model, layer)
         replaced = [experts[i] for i in novices]
         if self.novice == "drop":
-            prune_moe_layer(model, layer.name, retained, self._moe.attrs)
+            drop_experts(
+                model.get_submodule(layer.name),
+                self._moe.attrs.router_attr,
+                self._moe.attrs.experts_attr,
+                retained,
+                num_experts,
+            )
             outcome = "dropped"
         else:
             replace_with_novices(experts, novice_values(stats, novices, self.novice))

@@ -22,6 +22,8 @@ from mone_format import layer_index
 
 __all__ = ["MoELayer", "MoEModel", "find_moe_layers"]
 
+_MOE_CLASS = re.compile(r"Expert|Moe|MoE")
+
 
 @dataclass(frozen=True)
 class MoELayer:
@@ -53,6 +55,35 @@ class MoEModel:
         return getattr(model.get_submodule(layer.name), self.attrs.experts_attr)
 
 
+def _no_moe_layer_message(model: torch.nn.Module) -> str:
+    """A dense model, or an MoE model whose experts llm-compressor 0.14 does
+    not linearise (its experts are not one fused module transformers marks
+    as experts): say which, since the fix differs."""
+    moe_classes = sorted(
+        {
+            type(module).__name__
+            for module in model.modules()
+            if _MOE_CLASS.search(type(module).__name__)
+        }
+    )
+    model_type = model.config.model_type
+    if moe_classes:
+        return (
+            f"MoNEPruningModifier cannot prune this {model_type} model: it is a "
+            f"Mixture-of-Experts model ({', '.join(moe_classes)}), but "
+            f"llm-compressor 0.14 does not linearise its experts into one "
+            f"{' or '.join(map(repr, EXPERTS_ATTRS))} module of per-expert Linears "
+            f"next to a {' or '.join(map(repr, ROUTER_ATTRS))} router, which "
+            f"expert pruning (MoNE, REAP) needs. The families MoNE prunes are in "
+            f"the README's family table; quantization alone works on this model."
+        )
+    return (
+        f"MoNEPruningModifier found no MoE layer in this {type(model).__name__} "
+        f"({model_type}): expert pruning needs a Mixture-of-Experts model. "
+        f"Remove MoNEPruningModifier from the recipe for a dense model."
+    )
+
+
 def find_moe_layers(model: torch.nn.Module, ignore: list[str]) -> MoEModel:
     """
     :param model: model whose fused experts oneshot has linearised
@@ -69,15 +100,7 @@ def find_moe_layers(model: torch.nn.Module, ignore: list[str]) -> MoEModel:
         and any(hasattr(module, r) for r in ROUTER_ATTRS)
     ]
     if not blocks:
-        raise ValueError(
-            f"MoNEPruningModifier found no MoE layer in this "
-            f"{type(model).__name__}: it looks for a block with an "
-            f"{' or '.join(map(repr, EXPERTS_ATTRS))} module of routed experts "
-            f"(fused experts are linearised by oneshot) next to a "
-            f"{' or '.join(map(repr, ROUTER_ATTRS))} router. Expert pruning "
-            f"needs a Mixture-of-Experts model; remove MoNEPruningModifier from "
-            f"the recipe for a dense model."
-        )
+        raise ValueError(_no_moe_layer_message(model))
     if all(any(re.search(pattern, name) for pattern in ignore) for name in blocks):
         raise ValueError(
             f"ignore={ignore} matches every MoE layer of the model ({blocks[0]}, "

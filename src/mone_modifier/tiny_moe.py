@@ -19,7 +19,12 @@ from llmcompressor.modeling.moe.linearize import (
     repack_moe,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 FAMILIES = [
     "olmoe",
@@ -148,6 +153,26 @@ def build_tiny_moe(
     model = AutoModelForCausalLM.from_config(
         tiny_config(family, **{**special, **overrides})
     )
+    return save_distinguishable(model, path, tokenizer)
+
+
+@torch.no_grad()
+def save_distinguishable(
+    model: PreTrainedModel, path: Path, tokenizer: PreTrainedTokenizerFast
+) -> Path:
+    """Give ``model`` random weights with distinguishable experts, and save it
+    and ``tokenizer`` to ``path``."""
+    randomize(model)
+    distinguish_experts(model)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@torch.no_grad()
+def randomize(model: PreTrainedModel):
+    """Random weights of a size that keeps the tiny models' outputs in a
+    useful range, and decisive, uneven routing."""
     for name, param in model.named_parameters():
         if param.dim() >= 2:
             param.normal_(0.0, 0.15)
@@ -158,20 +183,27 @@ def build_tiny_moe(
             buffer.normal_(0.0, 0.05)
     for _, module in model.named_modules():
         router = getattr(module, "gate", None) or getattr(module, "router", None)
-        if getattr(module, "experts", None) is not None and router is not None:
-            router.weight.mul_(3.0)  # decisive, uneven routing
+        weight = getattr(router, "weight", None)
+        if getattr(module, "experts", None) is not None and weight is not None:
+            weight.mul_(3.0)
+
+
+@torch.no_grad()
+def distinguish_experts(model: PreTrainedModel):
+    """Non-zero mean outputs (a gated expert's up projection follows its gate
+    projection) and well separated output stds (each down projection gets
+    its own scale), set on llm-compressor's linearised experts."""
     linearize_moe(model)
     for _, experts in get_linearized_moes(model):
         for index in range(experts.num_experts):
             expert = experts[index]
-            expert.up_proj.weight.copy_(
-                expert.gate_proj.weight + 0.05 * torch.randn_like(expert.up_proj.weight)
-            )
+            if hasattr(expert, "gate_proj"):
+                expert.up_proj.weight.copy_(
+                    expert.gate_proj.weight
+                    + 0.05 * torch.randn_like(expert.up_proj.weight)
+                )
             expert.down_proj.weight.mul_(0.4 + 0.3 * index)
     repack_moe(model)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -3,6 +3,7 @@ Checks on the model and the recipe that MoNE runs before any calibration
 work, so a wrong set-up fails at once with the fix in the message.
 """
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,38 @@ from mone_modifier.novice import NoviceExpert
 
 __all__ = [
     "check_calibration_tokens",
+    "check_family_supported",
     "check_not_pruned",
     "check_rank_data",
     "check_recipe_order",
+    "explain_linearisation_failures",
     "refuse_pruned_checkpoints_in_oneshot",
 ]
+
+
+# families whose experts llm-compressor 0.14 linearises into modules that
+# lack part of their computation: calibration would fail in the first MoE
+# layer (tests/test_every_family.py shows it)
+_MISLINEARISED = {
+    "minimax_m3_vl_text": (
+        "its experts' clamped SwiGLU (swiglu_alpha, swiglu_limit), which "
+        "llm-compressor 0.14's linearised experts do not carry over"
+    ),
+}
+
+
+def check_family_supported(model: torch.nn.Module):
+    """Refuse a family whose linearised experts cannot run, before any
+    calibration."""
+    config = model.config
+    for model_type in (config.model_type, config.get_text_config().model_type):
+        if model_type in _MISLINEARISED:
+            raise ValueError(
+                f"MoNEPruningModifier cannot prune {config.model_type} models: "
+                f"{_MISLINEARISED[model_type]}, so their calibration would fail "
+                f"in the first MoE layer. The families MoNE prunes are in the "
+                f"README's family table."
+            )
 
 
 def check_not_pruned(model: torch.nn.Module):
@@ -63,6 +91,36 @@ def refuse_pruned_checkpoints_in_oneshot():
         return load(model_args)
 
     entrypoint_utils.initialize_model_from_path = initialize_model_from_path
+
+
+def explain_linearisation_failures():
+    """
+    Make a failure of llm-compressor's MoE linearisation in ``oneshot`` name
+    the model family and what it means. oneshot linearises the experts
+    before any modifier exists, so for families whose experts llm-compressor
+    0.14 cannot convert (Llama 4's text model, for one) the user would
+    otherwise meet a bare AttributeError from inside llm-compressor. Nothing
+    is calibrated yet when it fails. This wraps the function oneshot calls
+    (``tests/test_every_family.py`` shows the message on such a family).
+    """
+    # the module, not the ``oneshot`` function the package exports by its name
+    oneshot_entrypoint = importlib.import_module("llmcompressor.entrypoints.oneshot")
+    linearize = oneshot_entrypoint.linearize_moe
+
+    def linearize_moe(model):
+        try:
+            return linearize(model)
+        except Exception as error:
+            raise ValueError(
+                f"llm-compressor 0.14 cannot linearise the experts of this "
+                f"{model.config.model_type} model ({type(error).__name__}: "
+                f"{error}). Expert pruning (MoNE, REAP) and quantization of "
+                f"per-expert Linears need linearised experts, so oneshot cannot "
+                f"run them on this family; the families MoNE prunes are in the "
+                f"README's family table."
+            ) from error
+
+    oneshot_entrypoint.linearize_moe = linearize_moe
 
 
 def _check_path_not_pruned(model: str | Path):
