@@ -210,6 +210,39 @@ GROUP_KEYS = ("n_group", "topk_group", "num_expert_group")
 SPECIAL_BASE = 90
 DEFAULT_TOKENS = {"pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 3}
 
+# MoE families whose default config is dense (Gemma 4) or whose fields the
+# generic shrinking does not know (DBRX's nested attention / FFN configs)
+BY_HAND = {
+    "dbrx": dict(
+        d_model=128,
+        n_heads=4,
+        n_layers=3,
+        max_seq_len=256,
+        vocab_size=96,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(
+            ffn_hidden_size=128, moe_num_experts=8, moe_top_k=2, hidden_size=128
+        ),
+        **DEFAULT_TOKENS,
+    ),
+    "gemma4_text": dict(
+        vocab_size=96,
+        vocab_size_per_layer_input=96,
+        hidden_size=128,
+        hidden_size_per_layer_input=128,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=128,
+        **DEFAULT_TOKENS,
+    ),
+}
+
 # Per-family overrides (text-config keys; "vision": vision_config keys; "top": top-level
 # config keys)
 FAMILY_OVERRIDES = {
@@ -453,6 +486,8 @@ def _apply(cfg: PretrainedConfig, over: dict):
 
 def tiny_family_config(model_type: str, **overrides) -> PretrainedConfig:
     """A tiny config of ``model_type`` (see the module docstring)."""
+    if model_type in BY_HAND:
+        return AutoConfig.for_model(model_type, **BY_HAND[model_type], **overrides)
     config = AutoConfig.for_model(model_type)
     text = config.get_text_config()
     fam = copy.deepcopy(

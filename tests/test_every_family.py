@@ -21,8 +21,8 @@ END = "\n<!-- /family-table -->"
 
 
 @pytest.mark.parametrize("family,path", params(["mone", "drop"]))
-def test_family(family, path, family_model, samples, tmp_path, monkeypatch):
-    check_path(family, path, family_model(family), samples, tmp_path, monkeypatch)
+def test_family(family, path, family_model, tmp_path, monkeypatch):
+    check_path(family, path, family_model(family), tmp_path, monkeypatch)
 
 
 def test_every_moe_family_is_walked():

@@ -12,5 +12,5 @@ from family_walk import check_path, params
 
 
 @pytest.mark.parametrize("family,path", params(["w4a16", "fp8"]))
-def test_family_quantized(family, path, family_model, samples, tmp_path, monkeypatch):
-    check_path(family, path, family_model(family), samples, tmp_path, monkeypatch)
+def test_family_quantized(family, path, family_model, tmp_path, monkeypatch):
+    check_path(family, path, family_model(family), tmp_path, monkeypatch)

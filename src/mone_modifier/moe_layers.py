@@ -106,7 +106,14 @@ def find_moe_layers(model: torch.nn.Module, ignore: list[str]) -> MoEModel:
             f"ignore={ignore} matches every MoE layer of the model ({blocks[0]}, "
             f"...): nothing would be pruned. Narrow the `ignore` patterns."
         )
-    attrs = get_moe_attrs(model, ignore)
+    try:
+        attrs = get_moe_attrs(model, ignore)
+    except ValueError as error:  # a routing field llm-compressor has no name for
+        raise ValueError(
+            f"MoNEPruningModifier cannot prune this {model.config.model_type} "
+            f"model: llm-compressor 0.14 cannot read its routing ({error}). The "
+            f"families MoNE prunes are in the README's family table."
+        ) from error
     return MoEModel(
         attrs, [MoELayer(name, layer_index(name)) for name in attrs.moe_layer_names]
     )
