@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
 )
 
-from mone_format import expert_count
+from mone_format import EXPERT_COUNT_KEYS, expert_count
 from mone_modifier.tiny_moe import distinguish_experts, randomize, tiny_tokenizer
 
 __all__ = [
@@ -107,14 +107,7 @@ def build_family_model(model_type: str, path: Path) -> Path:
 
 
 LAYERS = 3
-EXPERTS = (
-    "num_experts",
-    "num_local_experts",
-    "n_routed_experts",
-    "moe_num_experts",
-    "num_routed_experts",
-    "n_experts",
-)
+EXPERTS = (*EXPERT_COUNT_KEYS, "num_routed_experts", "n_experts")
 TOPK = (
     "num_experts_per_tok",
     "top_k",
@@ -430,9 +423,12 @@ def shrink(config: PretrainedConfig, values: dict, layers: int | None):
     return config
 
 
-def _fix_token_ids(cfg: PretrainedConfig, vocab: int, pool: list):
+def _fix_token_ids(
+    cfg: PretrainedConfig, vocab: int, remap: dict[int, int], free: list[int]
+):
     """Every *_token_id / *_token_index inside the tiny vocab: pad/bos/eos -> 1/2/3
-    (when out of range), other special tokens -> distinct ids 90..95."""
+    (when out of range), other special tokens -> distinct ids taken from
+    ``free`` (90..95), the same id for the same original id (``remap``)."""
     for k, v in cfg.to_dict().items():
         if not (
             k.endswith("_token_id")
@@ -446,9 +442,9 @@ def _fix_token_ids(cfg: PretrainedConfig, vocab: int, pool: list):
             elif isinstance(v, list):
                 setattr(cfg, k, [x if x < vocab else DEFAULT_TOKENS[k] for x in v])
         elif isinstance(v, int) and not isinstance(v, bool):
-            if v not in pool[1]:
-                pool[1][v] = pool[0].pop(0) if pool[0] else vocab - 1
-            setattr(cfg, k, pool[1][v])
+            if v not in remap:
+                remap[v] = free.pop(0) if free else vocab - 1
+            setattr(cfg, k, remap[v])
 
 
 def _subconfigs(config):
@@ -460,14 +456,12 @@ def _subconfigs(config):
 
 
 def _shrink_tower(cfg: PretrainedConfig, text_hidden: int):
-    """Vision/audio tower: 1 layer, tiny widths, recursively through nested sub-
-    configs."""
+    """Vision/audio tower: 1 layer, tiny widths, recursively through nested
+    sub-configs."""
     shrink(cfg, VISION, 1)
     d = cfg.to_dict()
-    for k in (
-        "text_hidden_size",
-        "output_dim",
-    ):  # tower output projected to the text width
+    # the tower's output is projected to the text width
+    for k in ("text_hidden_size", "output_dim"):
         if isinstance(d.get(k), int):
             setattr(cfg, k, text_hidden)
     for v in list(vars(cfg).values()):
@@ -484,10 +478,10 @@ def _apply(cfg: PretrainedConfig, over: dict):
             setattr(cfg, k, v)
 
 
-def tiny_family_config(model_type: str, **overrides) -> PretrainedConfig:
+def tiny_family_config(model_type: str) -> PretrainedConfig:
     """A tiny config of ``model_type`` (see the module docstring)."""
     if model_type in BY_HAND:
-        return AutoConfig.for_model(model_type, **BY_HAND[model_type], **overrides)
+        return AutoConfig.for_model(model_type, **BY_HAND[model_type])
     config = AutoConfig.for_model(model_type)
     text = config.get_text_config()
     fam = copy.deepcopy(
@@ -495,8 +489,8 @@ def tiny_family_config(model_type: str, **overrides) -> PretrainedConfig:
     )
     vis_over = fam.pop("vision", {})
     top_over = fam.pop("top", {})
-    shrink(text, {**TEXT, **overrides}, LAYERS)
-    for k, v in {**fam, **overrides}.items():
+    shrink(text, TEXT, LAYERS)
+    for k, v in fam.items():
         setattr(text, k, v)
     for key in ("vision_config", "audio_config"):
         sub = getattr(config, key, None)
@@ -519,9 +513,9 @@ def tiny_family_config(model_type: str, **overrides) -> PretrainedConfig:
         setattr(config, k, v)
     if config is not text and "vocab_size" in config.to_dict():
         config.vocab_size = text.vocab_size
-    pool = [list(range(SPECIAL_BASE, text.vocab_size)), {}]
+    remap, free = {}, list(range(SPECIAL_BASE, text.vocab_size))
     for c in _subconfigs(config):
-        _fix_token_ids(c, text.vocab_size, pool)
+        _fix_token_ids(c, text.vocab_size, remap, free)
     return config
 
 

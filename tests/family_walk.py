@@ -168,7 +168,6 @@ def check_path(
 ):
     """Run ``path`` on ``family``'s tiny model at ``source`` and check what
     ``FAMILIES`` expects of it."""
-    samples = SAMPLES
     if (refusal := FAMILIES[family].refusal(path)) is not None:
         calibrated = []
         monkeypatch.setattr(
@@ -176,15 +175,15 @@ def check_path(
             "on_calibration_start",
             lambda self, *args, **kwargs: calibrated.append(True),
         )
-        _check_refused(family, source, samples, _recipe(path), refusal)
+        _check_refused(family, source, SAMPLES, _recipe(path), refusal)
         assert not calibrated, "the refusal came after calibration started"
         return
-    model = _prune(family, source, samples, _recipe(path))
+    model = _prune(family, source, SAMPLES, _recipe(path))
     if path == "fp8":
-        expected = fp8_rounded_logits(model, samples)
+        expected = fp8_rounded_logits(model, SAMPLES)
     else:
         with torch.no_grad():
-            expected = model(input_ids=samples).logits
+            expected = model(input_ids=SAMPLES).logits
     model.save_pretrained(out)
     if path == "drop":
         loaded = auto_class(family).from_pretrained(out)
@@ -193,7 +192,7 @@ def check_path(
         loaded = mone_modifier.from_pretrained(out)
         assert loaded.config.get_text_config().approximate_experts
     with torch.no_grad():
-        logits = loaded.to(DEVICE)(input_ids=samples.to(DEVICE)).logits
+        logits = loaded.to(DEVICE)(input_ids=SAMPLES.to(DEVICE)).logits
     # 1e-4: GPT-OSS's tiny model reaches 2.3e-5, its reloaded experts adding
     # in another order; a wrong tensor moves the logits (about 5) by far more
     assert_close(logits, expected, rtol=0, atol=1e-4)

@@ -67,7 +67,10 @@ def _by_specificity(
     """Groups naming modules (``re:`` targets) before groups targeting a
     layer class (``Linear``), which match every module by name alone: a
     module takes the scheme of the group that names it."""
-    return sorted(groups, key=lambda group: "Linear" in group.targets)
+    return sorted(
+        groups,
+        key=lambda group: any(not t.startswith("re:") for t in group.targets),
+    )
 
 
 def _quantized_modules(
@@ -82,7 +85,7 @@ def _quantized_modules(
     matches = match_quantizable_tensors(
         tensors, ignore=ignore, targets=scheme.targets, param_targets=[names[0]]
     )
-    modules = [module for module, _ in matches]
-    for module in modules:
+    # a list first: the caller pops the tensors this iterates over
+    for module in [module for module, _ in matches]:
         if all(f"{module}.{name}" in tensors for name in names):
             yield module
