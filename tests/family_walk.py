@@ -48,26 +48,17 @@ class Family:
     What the walk expects of one family.
 
     :param refused: path -> regular expression of the refusal, for the paths
-        the family is refused on
-    :param fails: path -> what goes wrong, for the paths known to fail (the
-        test is a strict xfail: it fails once the path works, so the entry
-        and the README are updated)
+        the family is refused on; it works on the others
     """
 
     refused: dict[str, str] | None = None
-    fails: dict[str, str] | None = None
 
     def refusal(self, path: str) -> str | None:
         return (self.refused or {}).get(path)
 
-    def failure(self, path: str) -> str | None:
-        return (self.fails or {}).get(path)
-
     def cell(self, path: str) -> str:
         """The README table's cell for ``path``."""
-        if self.refusal(path):
-            return "refused"
-        return "fails" if self.failure(path) else "yes"
+        return "refused" if self.refusal(path) else "yes"
 
 
 def refused_everywhere(pattern: str) -> Family:
@@ -87,20 +78,15 @@ _WORKING = """
 
 FAMILIES: dict[str, Family] = {
     **{family: Family() for family in _WORKING},
-    "qwen3_omni_moe_thinker": Family(
-        fails={
-            "w4a16": "GPTQ gives layer 0's q_proj and o_proj non-finite "
-            "weight scales, so the logits are NaN"
-        }
+    "qwen3_omni_moe_thinker": refused_everywhere(
+        r"cannot prune qwen3_omni_moe_thinker models: .* traces its forward to "
+        r"a graph that runs no decoder layer"
     ),
     "inkling_mm_model": Family(
-        fails={
-            "mone": "transformers' save-time conversion for this model renames "
-            "the per-expert tensors (experts.<id>.shared_w13_weight.weight), "
-            "and mone_modifier.from_pretrained does not read them back",
-            "w4a16": "transformers cannot revert its weight conversions on save",
-            "fp8": "FP8 calibration fails in the first MoE layer",
-        }
+        refused=dict.fromkeys(
+            ["mone", "w4a16", "fp8"],
+            r"cannot give inkling_mm_model models novices: .* would not load back",
+        )
     ),
     # MoE layers that are not one fused experts module beside a router
     **dict.fromkeys(
@@ -116,7 +102,7 @@ FAMILIES: dict[str, Family] = {
     **dict.fromkeys(
         ["minimax_m3_vl", "minimax_m3_vl_text"],
         refused_everywhere(
-            r"cannot prune minimax_m3_vl\w* models: its experts' clamped"
+            r"cannot prune minimax_m3_vl\w* models: .* lack their clamped SwiGLU"
         ),
     ),
 }
@@ -144,19 +130,9 @@ NOT_WALKED: dict[str, str] = {
 }
 
 
-def params(paths: list[str]) -> list:
-    """(family, path) test parameters; known failures as strict xfails."""
-    return [
-        pytest.param(
-            family,
-            path,
-            marks=[pytest.mark.xfail(strict=True, reason=expected.failure(path))]
-            if expected.failure(path)
-            else [],
-        )
-        for family, expected in FAMILIES.items()
-        for path in paths
-    ]
+def params(paths: list[str]) -> list[tuple[str, str]]:
+    """(family, path) test parameters."""
+    return [(family, path) for family in FAMILIES for path in paths]
 
 
 def check_path(
@@ -175,10 +151,10 @@ def check_path(
             "on_calibration_start",
             lambda self, *args, **kwargs: calibrated.append(True),
         )
-        _check_refused(family, source, SAMPLES, _recipe(path), refusal)
+        _check_refused(family, source, SAMPLES, path_recipe(path), refusal)
         assert not calibrated, "the refusal came after calibration started"
         return
-    model = _prune(family, source, SAMPLES, _recipe(path))
+    model = prune_family(family, source, SAMPLES, path_recipe(path))
     if path == "fp8":
         expected = fp8_rounded_logits(model, SAMPLES)
     else:
@@ -198,13 +174,13 @@ def check_path(
     assert_close(logits, expected, rtol=0, atol=1e-4)
 
 
-def _recipe(path: str):
+def path_recipe(path: str):
     if path == "drop":
         return MoNEPruningModifier(sparsity=0.25, novice="drop")
     return str(RECIPES / f"{RECIPE[path]}.yaml")
 
 
-def _prune(family: str, source: Path, samples: torch.Tensor, recipe):
+def prune_family(family: str, source: Path, samples: torch.Tensor, recipe):
     """oneshot as a user runs it: a causal LM by its path; another model
     (vision-language) loaded with its own class and given its processor."""
     model_class = auto_class(family)
@@ -221,7 +197,7 @@ def _prune(family: str, source: Path, samples: torch.Tensor, recipe):
 def _check_refused(family: str, source: Path, samples: torch.Tensor, recipe, pattern):
     before = tree_digest(source)
     with pytest.raises(ValueError, match=pattern) as error:
-        _prune(family, source, samples, recipe)
+        prune_family(family, source, samples, recipe)
     assert family in str(error.value), "the refusal does not name the family"
     assert tree_digest(source) == before
 

@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 from family_configs import example_checkpoint, moe_model_types
-from family_walk import FAMILIES, NOT_WALKED, PATHS, check_path, params
+from family_walk import (
+    FAMILIES,
+    NOT_WALKED,
+    PATHS,
+    SAMPLES,
+    check_path,
+    params,
+    path_recipe,
+    prune_family,
+)
+from mone_modifier import validation
 from test_serving import FAMILIES as SERVED_FAMILIES
 
 README = Path(__file__).parent.parent / "README.md"
@@ -23,6 +33,16 @@ END = "\n<!-- /family-table -->"
 @pytest.mark.parametrize("family,path", params(["mone", "drop"]))
 def test_family(family, path, family_model, tmp_path, monkeypatch):
     check_path(family, path, family_model(family), tmp_path, monkeypatch)
+
+
+def test_a_layer_no_calibration_token_reaches_stops_the_run(family_model, monkeypatch):
+    """Qwen3-Omni's thinker, were it not refused: llm-compressor's sequential
+    pipeline traces it to a graph that runs no decoder layer. Without the
+    guard, MoNE would rank all-zero statistics and prune arbitrary experts."""
+    monkeypatch.delitem(validation._UNCALIBRATABLE, "qwen3_omni_moe_thinker")
+    source = family_model("qwen3_omni_moe_thinker")
+    with pytest.raises(ValueError, match=r"no calibration token reached it"):
+        prune_family("qwen3_omni_moe_thinker", source, SAMPLES, path_recipe("mone"))
 
 
 def test_every_moe_family_is_walked():

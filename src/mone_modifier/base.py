@@ -180,7 +180,7 @@ class MoNEPruningModifier(Modifier):
         check_recipe_order(self)
         check_rank_data(state.data.calib)
         check_not_pruned(state.model)
-        check_family_supported(state.model)
+        check_family_supported(state.model, self.novice)
         self._moe = find_moe_layers(state.model, self.ignore)
         attrs = self._moe.attrs
         check_calibration_tokens(state.data.calib, attrs.num_experts, attrs.top_k)
@@ -311,6 +311,13 @@ class MoNEPruningModifier(Modifier):
         }
         for layer in layers:
             self.remove_hooks(self._layer_hooks.pop(layer.name))
+            if stats[layer.index].tokens == 0:
+                raise ValueError(
+                    f"MoNE layer {layer.index} ({layer.name}): no calibration "
+                    f"token reached it, so its experts cannot be ranked; "
+                    f"llm-compressor's calibration pipeline did not run it. Try "
+                    f"oneshot(..., pipeline='basic')."
+                )
             if bad := stats[layer.index].non_finite_experts():
                 raise ValueError(
                     f"MoNE layer {layer.index}: experts {bad} produced NaN or inf "

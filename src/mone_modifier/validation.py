@@ -34,28 +34,48 @@ __all__ = [
 ]
 
 
-# families whose experts llm-compressor 0.14 linearises into modules that
-# lack part of their computation: calibration would fail in the first MoE
-# layer (tests/test_every_family.py shows it)
-_MISLINEARISED = {
+# families llm-compressor 0.14 cannot calibrate, and why (tests/family_walk.py
+# shows each failure when its entry is removed)
+_UNCALIBRATABLE = {
     "minimax_m3_vl_text": (
-        "its experts' clamped SwiGLU (swiglu_alpha, swiglu_limit), which "
-        "llm-compressor 0.14's linearised experts do not carry over"
+        "llm-compressor 0.14's linearised experts lack their clamped SwiGLU "
+        "(swiglu_alpha, swiglu_limit), so calibration would fail in the first "
+        "MoE layer"
+    ),
+    "qwen3_omni_moe_thinker": (
+        "llm-compressor 0.14's sequential pipeline traces its forward to a graph "
+        "that runs no decoder layer, and its basic pipeline fails in "
+        "transformers' get_rope_index, so calibration would measure nothing"
+    ),
+}
+
+# families whose checkpoints with novices cannot be read back, and why
+_NOVICES_UNREADABLE = {
+    "inkling_mm_model": (
+        "transformers 5.17 saves it through a weight conversion (gate_proj + "
+        "up_proj -> shared_w13_weight) that also rewrites the retained experts' "
+        "tensors, so a checkpoint with novices would not load back. "
+        "`novice: drop` works"
     ),
 }
 
 
-def check_family_supported(model: torch.nn.Module):
-    """Refuse a family whose linearised experts cannot run, before any
-    calibration."""
+def check_family_supported(model: torch.nn.Module, novice: str):
+    """Refuse a family that cannot be calibrated, or whose pruned checkpoint
+    could not be read back, before any calibration."""
     config = model.config
-    for model_type in (config.model_type, config.get_text_config().model_type):
-        if model_type in _MISLINEARISED:
+    model_types = (config.model_type, config.get_text_config().model_type)
+    for model_type in model_types:
+        if model_type in _UNCALIBRATABLE:
             raise ValueError(
                 f"MoNEPruningModifier cannot prune {config.model_type} models: "
-                f"{_MISLINEARISED[model_type]}, so their calibration would fail "
-                f"in the first MoE layer. The families MoNE prunes are in the "
-                f"README's family table."
+                f"{_UNCALIBRATABLE[model_type]}. The families MoNE "
+                f"prunes are in the README's family table."
+            )
+        if model_type in _NOVICES_UNREADABLE and novice != "drop":
+            raise ValueError(
+                f"MoNEPruningModifier cannot give {config.model_type} models "
+                f"novices: {_NOVICES_UNREADABLE[model_type]}."
             )
 
 
