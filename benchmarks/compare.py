@@ -40,7 +40,8 @@ from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.pruning.reap.base import REAPPruningModifier
 from llmcompressor.modifiers.quantization import GPTQModifier
 from loguru import logger
-from pruned_checkpoints import checkpoint_bytes, forward_speed
+from novice_speed import paired_speed
+from pruned_checkpoints import checkpoint_bytes
 from train_models import build, full_setup, quick_setup
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -416,7 +417,9 @@ def size_and_speed(model_path, plan, domains, seq_len, evaluate, work) -> dict:
     # about 0.4 s of work per model and repeat on 2 CPU cores, so timer and
     # scheduler noise stay small against it
     windows = evaluate.windows[DOMAINS[0]][:16]
-    speed = forward_speed(models, list(windows.split(4)), 5 if plan is QUICK else 21)
+    speed = paired_speed(
+        models, list(windows.split(4)), 5 if plan is QUICK else 21, warmups=1
+    )
     return {
         name: {
             "bytes": size,

@@ -19,9 +19,7 @@ every result, and reloads the pruned ones with ``mone_modifier.from_pretrained``
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from llmcompressor import oneshot
 from llmcompressor.modeling.moe.linearize import linearize_moe
 from llmcompressor.modifiers.quantization import GPTQModifier
 from loguru import logger
+from novice_speed import paired_speed
 from transformers import AutoModelForCausalLM
 
 import mone_modifier
@@ -60,38 +59,6 @@ def calibrate(model_path: Path, texts: list[str], recipe, out: Path, samples: in
         max_seq_length=128,
         output_dir=str(out),
     )
-
-
-def forward_speed(models: dict, batches: list[torch.Tensor], repeats: int) -> dict:
-    """
-    Per model: median tokens/s, and its speed against ``unpruned`` as the
-    median (and interquartile range) of per-repeat ratios. In each repeat
-    every model runs the same batches back to back, in rotating order, so
-    machine noise hits the models of one repeat alike.
-    """
-    names = list(models)
-    seconds = {name: [] for name in names}
-    with torch.no_grad():
-        for model in models.values():
-            model(input_ids=batches[0])  # warm-up
-        for repeat in range(repeats):
-            shift = repeat % len(names)
-            for name in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                for batch in batches:
-                    models[name](input_ids=batch)
-                seconds[name].append(time.perf_counter() - start)
-    tokens = sum(b.numel() for b in batches)
-    speed = {}
-    for name in names:
-        ratios = [u / t for u, t in zip(seconds["unpruned"], seconds[name])]
-        quartiles = statistics.quantiles(ratios, n=4)
-        speed[name] = {
-            "tokens_per_s": tokens / statistics.median(seconds[name]),
-            "speed_ratio": statistics.median(ratios),
-            "speed_ratio_iqr": [quartiles[0], quartiles[2]],
-        }
-    return speed
 
 
 def main(argv=None):
@@ -138,7 +105,7 @@ def main(argv=None):
     for implementation in ("grouped_mm", "eager"):
         for model in models.values():
             model.set_experts_implementation(implementation)
-        speed[implementation] = forward_speed(models, batches, repeats)
+        speed[implementation] = paired_speed(models, batches, repeats, warmups=1)
 
     threads = torch.get_num_threads()
     machine = f"{platform.processor() or platform.machine()}, {threads} threads"

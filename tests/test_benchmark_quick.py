@@ -116,3 +116,17 @@ def test_offload_memory_quick(tmp_path):
         "anonymous_mb",
         "anonymous_growth_mb",
     }
+
+
+def test_novice_speed_quick(tmp_path):
+    """benchmarks/novice_speed.py end to end (prune, reload, paired timing,
+    compiled timing); what it measures is not asserted, only its report."""
+    run_quick(
+        "novice_speed.py", tmp_path, "--implementations", "grouped_mm", "--compile"
+    )
+    report = json.loads((tmp_path / "novice_speed_cpu_cpu_quick.json").read_text())
+    assert set(report["speed"]) == {"grouped_mm", "grouped_mm, compiled"}
+    for rows in report["speed"].values():
+        for row in rows.values():
+            assert set(row) >= {"unpruned", "mone_25", "mone_50"}
+            assert all(r["ms"] > 0 and r["speed_ratio"] > 0 for r in row.values())

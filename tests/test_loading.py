@@ -15,7 +15,7 @@ from helpers import (
     to_expert_substitution,
 )
 from mone_modifier import MoNEPruningModifier
-from mone_modifier.loading import NoviceMoEExperts
+from mone_modifier.pruned_experts import NoviceMoEExperts
 from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS, build_tiny_moe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -266,18 +266,22 @@ def test_unsupported_expert_substitution(
         mone_modifier.from_pretrained(tmp_path / "b")
 
 
-def test_novice_routes_in_grouped_mm_and_eager(saved_checkpoint, samples):
-    """grouped_mm skips novice routes by id; eager takes them at weight zero."""
-    loaded = mone_modifier.from_pretrained(saved_checkpoint[0])
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
+def test_every_experts_implementation_gives_the_same_logits(
+    saved_checkpoint, samples, implementation
+):
+    """The default, grouped_mm, is compared with the in-memory model in the
+    family walk; the others against it here."""
+    loaded = mone_modifier.from_pretrained(saved_checkpoint[0]).to(DEVICE)
     assert loaded.config._experts_implementation == "grouped_mm"
+    inputs = samples.to(DEVICE)
     with torch.no_grad():
-        grouped = loaded(input_ids=samples).logits
-        loaded.set_experts_implementation("eager")
-        eager = loaded(input_ids=samples).logits
-    assert loaded.model.layers[
-        0
-    ].mlp.experts.retained.config._experts_implementation == ("eager")
-    torch.testing.assert_close(eager, grouped, rtol=0, atol=1e-5)
+        grouped = loaded(input_ids=inputs).logits
+        loaded.set_experts_implementation(implementation)
+        logits = loaded(input_ids=inputs).logits
+    experts = loaded.model.layers[0].mlp.experts
+    assert experts.retained.config._experts_implementation == implementation
+    assert_close(logits, grouped, rtol=0, atol=1e-5)
 
 
 def test_tied_embeddings(samples, tmp_path):

@@ -5,7 +5,7 @@ The model is built with its parameters on the meta device, so a pruned
 expert's weights are never allocated. Each MoE layer's experts become the
 architecture's own fused experts module holding only the retained experts,
 packed from the checkpoint's per-expert tensors; a layer with novices wraps
-it in ``NoviceMoEExperts``, which adds the novices with one gather.
+it in ``NoviceMoEExperts`` (``pruned_experts.py``).
 Every other tensor goes through transformers' own loading path (its renames
 and converters for the architecture), so the model loads as transformers
 would load it.
@@ -43,72 +43,9 @@ from mone_format import (
 )
 from mone_modifier.dequantize import dequantize_tensors
 from mone_modifier.expert_packing import pack_experts
+from mone_modifier.pruned_experts import NoviceMoEExperts
 
-__all__ = ["NoviceMoEExperts", "from_pretrained"]
-
-
-class NoviceMoEExperts(torch.nn.Module):
-    """
-    The experts of a pruned MoE layer, called like the architecture's experts
-    module: ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``.
-
-    Routes to retained experts go to ``retained``, the fused experts module of
-    the retained experts, under their compact ids; routes to novices add
-    ``g * novice`` through one gather instead, and reach ``retained`` with
-    weight zero under id R, which transformers' default ``grouped_mm``
-    implementation skips at no cost (the eager loop cannot take that id, so
-    there they go to expert 0 with weight zero).
-
-    :param retained: fused experts module holding the retained experts
-    :param retained_ids: logical ids of its experts, in order
-    :param novices: logical id -> ``[hidden_size]`` novice vector
-    :param config: the model's (text) config; its experts implementation
-        (``set_experts_implementation``) applies to ``retained`` too
-    """
-
-    def __init__(
-        self,
-        retained: torch.nn.Module,
-        retained_ids: list[int],
-        novices: dict[int, torch.Tensor],
-        config,
-    ):
-        super().__init__()
-        self.retained = retained
-        self.config = config
-        num_experts = len(retained_ids) + len(novices)
-        compact = torch.zeros(num_experts, dtype=torch.long)
-        compact[retained_ids] = torch.arange(len(retained_ids))
-        is_retained = torch.zeros(num_experts, dtype=torch.bool)
-        is_retained[retained_ids] = True
-        value = next(iter(novices.values()))
-        table = torch.zeros(num_experts, value.shape[0], dtype=value.dtype)
-        for expert, vector in novices.items():
-            table[expert] = vector
-        self.register_buffer("compact_id", compact, persistent=False)
-        self.register_buffer("is_retained", is_retained, persistent=False)
-        self.register_buffer("novice_table", table, persistent=False)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-    ) -> torch.Tensor:
-        implementation = self.config._experts_implementation
-        # the retained module has its own config (built for fewer experts)
-        self.retained.config._experts_implementation = implementation
-        retained = self.is_retained[top_k_index]
-        skipped = 0 if implementation == "eager" else self.retained.num_experts
-        output = self.retained(
-            hidden_states,
-            torch.where(retained, self.compact_id[top_k_index], skipped),
-            torch.where(retained, top_k_weights, 0),
-        )
-        novices = self.novice_table[top_k_index].to(top_k_weights.dtype)
-        return output + torch.einsum("tk,tkh->th", top_k_weights, novices).to(
-            output.dtype
-        )
+__all__ = ["from_pretrained"]
 
 
 def from_pretrained(

@@ -1,0 +1,67 @@
+"""
+Reloaded layers with novices at inference (``pruned_experts.py``): equal to
+an independent computation under every experts implementation, novice routes
+costing no expert rows under grouped_mm, and whole models compiling with
+``fullgraph=True`` to the same logits. The same check under the serving
+environment's newer transformers is in ``test_serving.py``.
+"""
+
+import pytest
+import torch
+
+import mone_modifier
+import novice_experts_check
+from devices import DEVICE, assert_close
+from helpers import run_oneshot
+from mone_modifier import MoNEPruningModifier, pruned_experts
+
+
+@pytest.mark.parametrize("implementation", novice_experts_check.IMPLEMENTATIONS)
+def test_equals_the_independent_computation(implementation):
+    assert novice_experts_check.max_diff(implementation) < 1e-5
+
+
+def test_novice_routes_cost_no_expert_rows(monkeypatch):
+    module, _, _ = novice_experts_check.build()
+    module.config._experts_implementation = "grouped_mm"
+    ids, gates = novice_experts_check.routing(24)
+    computed_rows = []
+    grouped_mm = pruned_experts.F.grouped_mm
+
+    def recording(rows, weight, offs):
+        computed_rows.append(int(offs[-1]))
+        return grouped_mm(rows, weight, offs=offs)
+
+    monkeypatch.setattr(pruned_experts.F, "grouped_mm", recording)
+    with torch.no_grad():
+        module(torch.randn(24, novice_experts_check.HIDDEN), ids, gates)
+    retained_routes = int((module.route_id[ids] < module.retained.num_experts).sum())
+    assert retained_routes < ids.numel()
+    assert computed_rows == [retained_routes, retained_routes]
+
+
+@pytest.fixture(scope="module")
+def pruned_checkpoint(tmp_path_factory, tiny_moe, samples):
+    out = tmp_path_factory.mktemp("pruned") / "out"
+    model = run_oneshot(tiny_moe("olmoe"), samples, MoNEPruningModifier(sparsity=0.5))
+    model.save_pretrained(out)
+    return out
+
+
+# one bfloat16 ulp of logits of magnitude 4 to 8, should the compiled graph
+# round an operation differently; a wrong route moves them by more than 4
+@pytest.mark.parametrize(
+    "dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1 / 32)]
+)
+def test_compiles_fullgraph_to_the_same_logits(pruned_checkpoint, samples, dtype, atol):
+    """bfloat16 takes our grouped product under compilation; float32 the
+    fused module's own (inductor's grouped_mm takes bfloat16 only).
+    aot_eager: the whole graph is captured and run through AOT autograd,
+    without inductor's minutes of C++ compilation on a CPU."""
+    model = mone_modifier.from_pretrained(pruned_checkpoint, dtype=dtype).to(DEVICE)
+    inputs = samples.to(DEVICE)
+    with torch.no_grad():
+        expected = model(input_ids=inputs).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        logits = compiled(input_ids=inputs).logits
+    assert_close(logits.float(), expected.float(), rtol=0, atol=atol)
