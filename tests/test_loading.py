@@ -54,7 +54,8 @@ def test_reload_equals_in_memory_model(family, sparsity, tiny_moe, samples, tmp_
         experts = loaded.model.layers[int(index)].mlp.experts
         assert isinstance(experts, NoviceMoEExperts)
         assert experts.retained.gate_up_proj.shape[0] == kept
-        assert experts.is_retained.nonzero().squeeze(1).tolist() == sorted(
+        retained = experts.route_id < kept
+        assert retained.nonzero().squeeze(1).tolist() == sorted(
             set(range(NUM_EXPERTS)) - set(ids)
         )
 
