@@ -46,6 +46,12 @@ from mone_modifier.scoring import (
 )
 from mone_modifier.stacking import forget_modules
 from mone_modifier.statistics import LayerStatistics, reduce_across_ranks
+from mone_modifier.statistics_file import (
+    SavedStatistics,
+    config_hash,
+    load_statistics,
+    save_statistics,
+)
 from mone_modifier.validation import (
     check_calibration_tokens,
     check_family_supported,
@@ -86,6 +92,19 @@ class MoNEPruningModifier(Modifier):
     :param report_path: optional ``.json`` path for the per-layer report; a
         heatmap ``.png`` is written next to it
     :param seed: seed of ``scoring: random``
+    :param save_statistics_path: optional ``.safetensors`` path: every MoE
+        layer's calibration statistics are written there (on the source rank,
+        atomically), so that other sparsities, scorings and novice kinds can
+        be decided without calibrating again. What they describe is recorded:
+        ``unpruned`` when every layer was measured on the unpruned model
+        (``pipeline="basic"``, or ``scope: model``), ``progressive`` when each
+        layer was measured after the earlier ones were pruned (the default
+        sequential run with ``scope: layer``)
+    :param statistics_path: prune from saved statistics instead of
+        calibrating (one path, or several from runs over disjoint
+        calibration shards, merged exactly); the run then needs no dataset
+        unless another modifier does. The statistics must describe this
+        model (same config, MoE layers, expert count and hidden size)
     :param stock_architectures: a saved checkpoint with novices names its
         model's own ``architectures`` (``OlmoeForCausalLM``), for engines that
         read the novice layouts natively; by default it names
@@ -111,6 +130,8 @@ class MoNEPruningModifier(Modifier):
     report_path: Optional[str] = None
     seed: int = 0
     stock_architectures: bool = False
+    save_statistics_path: Optional[str] = None
+    statistics_path: Optional[str | list[str]] = None
 
     _moe: MoEModel | None = PrivateAttr(default=None)
     _budget: PruningBudget | None = PrivateAttr(default=None)
@@ -119,6 +140,10 @@ class MoNEPruningModifier(Modifier):
     _layer_hooks: dict[str, set] = PrivateAttr(default_factory=dict)
     _decisions: list[LayerDecision] = PrivateAttr(default_factory=list)
     _cpu_pg: Any = PrivateAttr(default=None)
+    _identity: dict = PrivateAttr(default_factory=dict)
+    _saved: SavedStatistics | None = PrivateAttr(default=None)
+    _measured: dict[str, LayerStatistics] = PrivateAttr(default_factory=dict)
+    _decision_rounds: int = PrivateAttr(default=0)
 
     # -- validation ----------------------------------------------------------
 
@@ -134,7 +159,8 @@ class MoNEPruningModifier(Modifier):
                     raise ValueError(
                         f"MoNEPruningModifier has no parameter {key!r}.{hint} "
                         f"Its parameters: sparsity, scoring, scope, novice, "
-                        f"ignore, report_path, seed, stock_architectures."
+                        f"ignore, report_path, seed, stock_architectures, "
+                        f"save_statistics_path, statistics_path."
                     )
         return data
 
@@ -158,6 +184,20 @@ class MoNEPruningModifier(Modifier):
             )
         return value
 
+    @field_validator("save_statistics_path")
+    @classmethod
+    def _check_statistics_path(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.endswith(".safetensors"):
+            raise ValueError(
+                f"save_statistics_path must name a .safetensors file; got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _needs_data_unless_given_statistics(self) -> "MoNEPruningModifier":
+        self.requires_calibration_data = self.statistics_path is None
+        return self
+
     @model_validator(mode="after")
     def _check_drop_scope(self) -> "MoNEPruningModifier":
         if self.novice == "drop" and self.scope == "model":
@@ -171,19 +211,27 @@ class MoNEPruningModifier(Modifier):
     # -- lifecycle -------------------------------------------------------------
 
     def on_initialize(self, state: State, **kwargs) -> bool:
-        if state.data.calib is None:
+        calibrating = self.statistics_path is None
+        if calibrating and state.data.calib is None:
             raise ValueError(
                 "MoNEPruningModifier needs calibration data to measure its "
                 "experts: pass a dataset to oneshot, e.g. "
-                "oneshot(model=..., dataset=..., recipe=...)"
+                "oneshot(model=..., dataset=..., recipe=...), or statistics "
+                "saved by an earlier run (statistics_path)"
             )
         check_recipe_order(self)
-        check_rank_data(state.data.calib)
+        if calibrating:
+            check_rank_data(state.data.calib)
         check_not_pruned(state.model)
         check_family_supported(state.model, self.novice)
         self._moe = find_moe_layers(state.model, self.ignore)
         attrs = self._moe.attrs
-        check_calibration_tokens(state.data.calib, attrs.num_experts, attrs.top_k)
+        self._identity = self._model_identity(state.model)
+        if calibrating:
+            check_calibration_tokens(state.data.calib, attrs.num_experts, attrs.top_k)
+        else:
+            self._saved = load_statistics(self.statistics_path)
+            self._saved.check_matches(self._identity, str(self.statistics_path))
         if self.novice == "drop":
             check_droppable(
                 state.model,
@@ -209,6 +257,11 @@ class MoNEPruningModifier(Modifier):
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
+        if self._saved is not None:
+            for layer in self._moe.layers:
+                self._stats[layer.name] = self._saved.layers[layer.name]
+                self._layer_hooks[layer.name] = set()
+            return
         for layer in self._moe.layers:
             experts = self._moe.experts(state.model, layer)
             self._stats[layer.name] = LayerStatistics.empty(
@@ -269,6 +322,8 @@ class MoNEPruningModifier(Modifier):
         if self.report_path is not None and is_source_process():
             write_report(self.report_path, self.report())
             logger.info(f"MoNE report written to {self.report_path}")
+        if self.save_statistics_path is not None and is_source_process():
+            self._save_statistics()
         if self._cpu_pg is not None:
             dist.destroy_process_group(group=self._cpu_pg)
             self._cpu_pg = None
@@ -305,10 +360,16 @@ class MoNEPruningModifier(Modifier):
     def _decide(self, model: torch.nn.Module, layers: list[MoELayer]):
         if not layers:
             return
-        stats = {
-            layer.index: reduce_across_ranks(self._stats.pop(layer.name), self._cpu_pg)
-            for layer in layers
-        }
+        # saved statistics are every rank's already
+        reduce = (
+            (lambda s: s)
+            if self._saved
+            else partial(reduce_across_ranks, group=self._cpu_pg)
+        )
+        stats = {layer.index: reduce(self._stats.pop(layer.name)) for layer in layers}
+        self._decision_rounds += 1
+        if self.save_statistics_path is not None:
+            self._measured.update({layer.name: stats[layer.index] for layer in layers})
         for layer in layers:
             self.remove_hooks(self._layer_hooks.pop(layer.name))
             if stats[layer.index].tokens == 0:
@@ -409,6 +470,35 @@ class MoNEPruningModifier(Modifier):
             frequency=stats.frequency.tolist(),
             output_std=stats.output_std.tolist(),
             routed_tokens=[int(n) for n in stats.routed.tolist()],
+        )
+
+    def _model_identity(self, model: torch.nn.Module) -> dict:
+        attrs = self._moe.attrs
+        return {
+            "model_type": model.config.model_type,
+            "num_experts": attrs.num_experts,
+            "top_k": attrs.top_k,
+            "hidden_size": model.config.get_text_config().hidden_size,
+            "layers": [layer.name for layer in self._moe.layers],
+            "config_hash": config_hash(model.config),
+        }
+
+    def _save_statistics(self):
+        if self._saved is not None:
+            measured = self._saved.measured
+        else:
+            measured = "progressive" if self._decision_rounds > 1 else "unpruned"
+        save_statistics(
+            self.save_statistics_path,
+            self._measured,
+            self._identity,
+            measured,
+            self.model_dump(
+                include={"sparsity", "scoring", "scope", "novice", "ignore", "seed"}
+            ),
+        )
+        logger.info(
+            f"MoNE statistics ({measured}) written to {self.save_statistics_path}"
         )
 
     def report(self) -> dict:
