@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -164,3 +165,26 @@ def test_a_failed_save_leaves_the_previous_file(saved, tmp_path, monkeypatch):
 def test_save_path_must_be_safetensors():
     with pytest.raises(ValueError, match="save_statistics_path must name a"):
         MoNEPruningModifier(sparsity=0.25, save_statistics_path="stats.pt")
+
+
+def test_stacks_with_gptq(quantizable_moe, samples, tmp_path):
+    """MoNE from statistics, then GPTQ on the data: the same experts as
+    the basic run decides, and GPTQ compresses only the retained ones."""
+    source = quantizable_moe("olmoe")
+    path = tmp_path / "stats.safetensors"
+    recipe = MoNEPruningModifier(sparsity=0.5, save_statistics_path=str(path))
+    expected = run_oneshot(source, samples, recipe, pipeline="basic")
+    gptq = GPTQModifier(
+        targets=["Linear"], scheme="W4A16", ignore=["lm_head", r"re:.*mlp\.gate$"]
+    )
+    recipe = [MoNEPruningModifier(sparsity=0.5, statistics_path=str(path)), gptq]
+    model = run_oneshot(source, samples, recipe)
+    novices = model.config.approximate_experts
+    assert novices == expected.config.approximate_experts
+    for index, layer in enumerate(model.model.layers):
+        quantized = {
+            int(name.split(".")[0])
+            for name, module in layer.mlp.experts.named_modules()
+            if hasattr(module, "weight_scale")
+        }
+        assert quantized == set(range(8)) - set(novices[str(index)])
