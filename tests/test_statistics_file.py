@@ -20,6 +20,7 @@ from devices import assert_close
 from helpers import run_oneshot, tree_digest
 from mone_modifier import MoNEPruningModifier, statistics_file
 from mone_modifier.statistics_file import load_statistics
+from mone_modifier.tiny_moe import build_tiny_moe
 
 
 def prune_from(source, statistics, **settings):
@@ -124,6 +125,12 @@ def test_statistics_of_another_model_are_refused(tiny_moe, saved):
     assert tree_digest(source) == before
     with pytest.raises(ValueError, match="describe another model"):
         load_statistics([saved("olmoe"), saved("qwen2_moe")])
+
+
+def test_statistics_of_a_differently_configured_model_are_refused(saved, tmp_path):
+    other = build_tiny_moe("olmoe", tmp_path / "other", rms_norm_eps=1e-3)
+    with pytest.raises(ValueError, match=r"config fields \['rms_norm_eps'\]"):
+        prune_from(other, str(saved("olmoe")), sparsity=0.25)
 
 
 def test_damaged_statistics_are_refused(tiny_moe, saved, tmp_path):

@@ -48,7 +48,7 @@ from mone_modifier.stacking import forget_modules
 from mone_modifier.statistics import LayerStatistics, reduce_across_ranks
 from mone_modifier.statistics_file import (
     SavedStatistics,
-    config_hash,
+    identity_config,
     load_statistics,
     save_statistics,
 )
@@ -480,7 +480,7 @@ class MoNEPruningModifier(Modifier):
             "top_k": attrs.top_k,
             "hidden_size": model.config.get_text_config().hidden_size,
             "layers": [layer.name for layer in self._moe.layers],
-            "config_hash": config_hash(model.config),
+            "config": identity_config(model.config),
         }
 
     def _save_statistics(self):

@@ -6,12 +6,10 @@ novice kind, and calibration split over several runs merges exactly.
 Tensors are named ``<MoE layer name>.<LayerStatistics field>``; the header's
 metadata holds the format version, what the statistics measured, the
 calibration's settings and the model's identity (model type, expert count,
-top-k, hidden size, MoE layer names, a hash of the model's config without the
-fields saving or pruning change), which a model must match to be pruned from
-them.
+top-k, hidden size, MoE layer names, and its config without the fields
+saving or pruning change), which a model must match to be pruned from them.
 """
 
-import hashlib
 import json
 import os
 from dataclasses import fields
@@ -27,7 +25,7 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "SavedStatistics",
-    "config_hash",
+    "identity_config",
     "load_statistics",
     "save_statistics",
 ]
@@ -50,12 +48,11 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
-def config_hash(config: PretrainedConfig) -> str:
-    """SHA-256 of the model's config, without the fields that saving or
+def identity_config(config: PretrainedConfig) -> dict:
+    """The model's config as JSON values, without the fields that saving or
     pruning change."""
     data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    text = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json.loads(json.dumps(data, sort_keys=True, default=str))
 
 
 class SavedStatistics:
@@ -64,7 +61,7 @@ class SavedStatistics:
 
     :param layers: MoE layer name -> its statistics (float64, on the CPU)
     :param identity: the model they describe (``model_type``,
-        ``num_experts``, ``top_k``, ``hidden_size``, ``layers``, ``config_hash``)
+        ``num_experts``, ``top_k``, ``hidden_size``, ``layers``, ``config``)
     :param measured: ``unpruned`` (every layer measured on the unpruned model)
         or ``progressive`` (each layer measured after the earlier ones were
         pruned)
@@ -86,8 +83,7 @@ class SavedStatistics:
     def check_matches(self, identity: dict, source: str):
         """Refuse statistics of another model, naming what differs."""
         differences = [
-            f"{key}: {self.identity.get(key)!r} in the statistics, "
-            f"{identity[key]!r} in the model"
+            _difference(key, self.identity.get(key), identity[key])
             for key in identity
             if self.identity.get(key) != identity[key]
         ]
@@ -98,6 +94,17 @@ class SavedStatistics:
                 + "). Calibrate this model with save_statistics_path, or prune "
                 "the model the statistics were saved from."
             )
+
+
+def _difference(key: str, saved, model) -> str:
+    if key == "config":
+        fields_ = sorted(
+            k
+            for k in set(saved or {}) | set(model)
+            if (saved or {}).get(k) != model.get(k)
+        )
+        return f"config fields {fields_[:8]}"
+    return f"{key}: {saved!r} in the statistics, {model!r} in the model"
 
 
 def save_statistics(
