@@ -130,3 +130,17 @@ def test_novice_speed_quick(tmp_path):
         for row in rows.values():
             assert set(row) >= {"unpruned", "mone_25", "mone_50"}
             assert all(r["ms"] > 0 and r["speed_ratio"] > 0 for r in row.values())
+
+
+def test_statistics_sweep_quick(tmp_path):
+    """benchmarks/statistics_sweep.py end to end: one calibration's
+    statistics prune every sparsity, beside calibrating once per sparsity."""
+    run_quick("statistics_sweep.py", tmp_path)
+    results = json.loads((tmp_path / "statistics_sweep_quick.json").read_text())
+    assert set(results["models"]) == {"olmoe", "deepseek"}
+    for result in results["models"].values():
+        assert [row["sparsity"] for row in result["rows"]] == [0.25, 0.5]
+        for row in result["rows"]:
+            for kind in ("from_statistics", "progressive"):
+                assert row[kind]["code_ppl"] > 1 and row[kind]["prose_ppl"] > 1
+        assert result["calibration_s"] > 0
