@@ -31,7 +31,7 @@ def prune_from(source, statistics, **settings):
 
 def decisions_and_logits(model, samples):
     with torch.no_grad():
-        logits = model(input_ids=samples.to(model.device)).logits
+        logits = model(input_ids=samples).logits
     return model.config.to_dict().get("approximate_experts"), logits
 
 

@@ -360,13 +360,9 @@ class MoNEPruningModifier(Modifier):
     def _decide(self, model: torch.nn.Module, layers: list[MoELayer]):
         if not layers:
             return
-        # saved statistics are every rank's already
-        reduce = (
-            (lambda s: s)
-            if self._saved
-            else partial(reduce_across_ranks, group=self._cpu_pg)
-        )
-        stats = {layer.index: reduce(self._stats.pop(layer.name)) for layer in layers}
+        stats = {layer.index: self._stats.pop(layer.name) for layer in layers}
+        if self._saved is None:  # saved statistics are every rank's already
+            stats = {i: reduce_across_ranks(s, self._cpu_pg) for i, s in stats.items()}
         self._decision_rounds += 1
         if self.save_statistics_path is not None:
             self._measured.update({layer.name: stats[layer.index] for layer in layers})

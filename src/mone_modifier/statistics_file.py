@@ -98,12 +98,11 @@ class SavedStatistics:
 
 def _difference(key: str, saved, model) -> str:
     if key == "config":
-        fields_ = sorted(
-            k
-            for k in set(saved or {}) | set(model)
-            if (saved or {}).get(k) != model.get(k)
+        saved = saved or {}
+        differing = sorted(
+            k for k in saved.keys() | model.keys() if saved.get(k) != model.get(k)
         )
-        return f"config fields {fields_[:8]}"
+        return f"config fields {differing[:8]}"
     return f"{key}: {saved!r} in the statistics, {model!r} in the model"
 
 
