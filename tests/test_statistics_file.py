@@ -31,7 +31,7 @@ def prune_from(source, statistics, **settings):
 
 def decisions_and_logits(model, samples):
     with torch.no_grad():
-        logits = model(input_ids=samples).logits
+        logits = model(input_ids=samples.to(model.device)).logits
     return model.config.to_dict().get("approximate_experts"), logits
 
 
@@ -39,7 +39,9 @@ def assert_same_pruning(model, expected, samples):
     novices, logits = decisions_and_logits(model, samples)
     expected_novices, expected_logits = decisions_and_logits(expected, samples)
     assert novices == expected_novices
-    assert_close(logits, expected_logits, rtol=0, atol=1e-6)
+    # with CUDA present the basic run computes on the CPU, the data-free run
+    # on the GPU: a cross-device float32 tolerance (tests/devices.py)
+    assert_close(logits, expected_logits, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
