@@ -1,36 +1,28 @@
 """
-``NoviceMoEExperts`` (``src/mone_modifier/pruned_experts.py``) against an
+``NoviceMoEExperts`` (``mone_transformers.pruned_experts``) against an
 independent computation, under each experts implementation of the installed
 transformers.
 
 Imported by ``test_pruned_experts.py``; also run as a script by
 ``test_serving.py`` in the serving environment, whose transformers is newer
-and which has no llm-compressor, so the module is loaded by its file:
+and which has no llm-compressor:
 
     python tests/novice_experts_check.py  # {"transformers": ..., "max_diff": ...}
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 import transformers
 from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
-SOURCE = Path(__file__).parent.parent / "src" / "mone_modifier" / "pruned_experts.py"
+from mone_transformers.pruned_experts import NoviceMoEExperts
+
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 NUM_EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 8, 3, 64, 32
 NOVICE_IDS = [1, 4, 7]
 RETAINED_IDS = [i for i in range(NUM_EXPERTS) if i not in NOVICE_IDS]
-
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("pruned_experts", SOURCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _config(num_experts: int) -> OlmoeConfig:
@@ -59,9 +51,7 @@ def build(seed: int = 0):
         logical: (retained.gate_up_proj[compact], retained.down_proj[compact])
         for compact, logical in enumerate(RETAINED_IDS)
     }
-    module = load_module().NoviceMoEExperts(
-        retained, RETAINED_IDS, novices, _config(NUM_EXPERTS)
-    )
+    module = NoviceMoEExperts(retained, RETAINED_IDS, novices, _config(NUM_EXPERTS))
     return module, weights, novices
 
 

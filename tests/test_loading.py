@@ -15,8 +15,8 @@ from helpers import (
     to_expert_substitution,
 )
 from mone_modifier import MoNEPruningModifier
-from mone_modifier.pruned_experts import NoviceMoEExperts
 from mone_modifier.tiny_moe import FAMILIES, NUM_EXPERTS, build_tiny_moe
+from mone_transformers.pruned_experts import NoviceMoEExperts
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 QPARAMS = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")

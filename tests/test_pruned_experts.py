@@ -13,7 +13,8 @@ import mone_modifier
 import novice_experts_check
 from devices import DEVICE, assert_close
 from helpers import run_oneshot
-from mone_modifier import MoNEPruningModifier, pruned_experts
+from mone_modifier import MoNEPruningModifier
+from mone_transformers import pruned_experts
 
 
 @pytest.mark.parametrize("implementation", novice_experts_check.IMPLEMENTATIONS)

@@ -4,8 +4,9 @@ Serving MoNE checkpoints in vLLM with the mone-vllm plugin.
 This environment prunes tiny models of each family through oneshot, saves
 them (both novice layouts) and computes greedy references with transformers
 (``mone_modifier.from_pretrained``). The serving environment (vLLM 0.32 CPU,
-mone-vllm, no llm-compressor; ``packages/mone-vllm/install-serving-env.sh``)
-serves the same checkpoints in float32, with the plugin and without it.
+mone-vllm, mone-transformers, no llm-compressor and a newer transformers;
+``packages/mone-vllm/install-serving-env.sh``) serves the same checkpoints in
+float32, with the plugin and without it, and loads them in transformers.
 """
 
 import json
@@ -23,14 +24,17 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import load_in_transformers
 import mone_modifier
 import novice_experts_check
 from helpers import run_oneshot, run_quick, to_expert_substitution
 from mone_modifier import MoNEPruningModifier
-from mone_modifier.tiny_moe import build_tiny_moe
+from mone_modifier.tiny_moe import build_tiny_moe, group_quantizable
 
 REPO = Path(__file__).parent.parent
 SERVE = Path(__file__).parent / "serve_in_vllm.py"
+LOAD = Path(load_in_transformers.__file__)
+RECIPES = REPO / "recipes"
 PROMPT = [5, 17, 33, 2, 9, 61]
 NEW_TOKENS = 32
 LOGPROB_ATOL = 1e-4
@@ -57,6 +61,8 @@ SERVABLE = {
     "gpt_oss": dict(hidden_size=128, head_dim=32),
 }
 FAMILIES = list(SERVABLE)
+W4A16_OLMOE = {**group_quantizable("olmoe"), **SERVABLE["olmoe"]}
+EXPERTS_IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
 LAYOUTS = ["approximate_experts", "expert_substitution"]
 
 
@@ -71,12 +77,15 @@ def serving_python() -> Path:
     return venv / "bin" / "python"
 
 
-def serve(python: Path, jobs: dict, directory: Path, **env) -> dict:
-    """Run ``jobs`` in the serving environment; their results by name."""
+def serve(
+    python: Path, jobs: dict, directory: Path, script: Path = SERVE, **env
+) -> dict:
+    """Run ``jobs`` in the serving environment (in vLLM, or by ``script``);
+    their results by name."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "jobs.json").write_text(json.dumps(jobs))
     subprocess.run(
-        [str(python), str(SERVE), "jobs.json", "results.json"],
+        [str(python), str(script), "jobs.json", "results.json"],
         cwd=directory,
         env={**os.environ, **env},
         check=True,
@@ -84,18 +93,8 @@ def serve(python: Path, jobs: dict, directory: Path, **env) -> dict:
     return json.loads((directory / "results.json").read_text())
 
 
-@torch.no_grad()
 def greedy(model) -> dict:
-    """Greedy tokens and their log-probabilities, computed step by step."""
-    ids = torch.tensor([PROMPT])
-    tokens, logprobs = [], []
-    for _ in range(NEW_TOKENS):
-        logits = model(input_ids=ids).logits[0, -1].double()
-        token = int(logits.argmax())
-        tokens.append(token)
-        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return {"tokens": tokens, "logprobs": logprobs}
+    return load_in_transformers.greedy(model, PROMPT, NEW_TOKENS)
 
 
 def save(model, source: Path, out: Path) -> Path:
@@ -162,6 +161,11 @@ def checkpoints(tmp_path_factory, samples) -> dict:
     drop = MoNEPruningModifier(sparsity=0.25, novice="drop")
     path = save(run_oneshot(source, samples, drop), source, root / "olmoe-drop")
     out["olmoe-drop"] = (path, greedy(AutoModelForCausalLM.from_pretrained(path)))
+
+    source = build_tiny_moe("olmoe", root / "olmoe-w4a16-source", **W4A16_OLMOE)
+    path = root / "olmoe-w4a16"
+    run_oneshot(source, samples, str(RECIPES / "mone_w4.yaml"), output_dir=str(path))
+    out["olmoe-w4a16"] = (path, greedy(mone_modifier.from_pretrained(path)))
     return out
 
 
@@ -179,7 +183,9 @@ def jobs(checkpoints: dict, names) -> dict:
 @pytest.fixture(scope="module")
 def with_plugin(serving_python, checkpoints, tmp_path_factory) -> dict:
     names = [
-        n for n in checkpoints if n != "olmoe-stock-names" and not n.endswith("-zero")
+        n
+        for n in checkpoints
+        if n not in ("olmoe-stock-names", "olmoe-w4a16") and not n.endswith("-zero")
     ]
     served = jobs(checkpoints, names)
     # last: a refused engine may leave this process's distributed state behind
@@ -199,6 +205,27 @@ def stock(serving_python, checkpoints, tmp_path_factory) -> dict:
         jobs(checkpoints, names),
         tmp_path_factory.mktemp("stock"),
         VLLM_PLUGINS="none",
+    )
+
+
+@pytest.fixture(scope="module")
+def in_serving_transformers(serving_python, checkpoints, tmp_path_factory) -> dict:
+    """Every checkpoint loaded by ``mone_transformers`` in the
+    serving environment, under each experts implementation."""
+    names = [n for n in checkpoints if n != "olmoe-stock-names"]
+    served = {
+        f"{name}@{implementation}": {
+            **job,
+            "experts_implementation": implementation,
+        }
+        for name, job in jobs(checkpoints, names).items()
+        for implementation in EXPERTS_IMPLEMENTATIONS
+    }
+    return serve(
+        serving_python,
+        served,
+        tmp_path_factory.mktemp("in-transformers"),
+        script=LOAD,
     )
 
 
@@ -369,6 +396,26 @@ def test_serving_benchmark_quick(serving_python, tmp_path):
             < 1
         )
         assert summary[f"{kind}_25"]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("implementation", EXPERTS_IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        *(f"{f}-{layout}" for f in FAMILIES for layout in [*LAYOUTS, "zero"]),
+        "olmoe-drop",
+        "olmoe-w4a16",
+    ],
+)
+def test_loader_under_the_serving_transformers(
+    name, implementation, checkpoints, in_serving_transformers
+):
+    """``mone_transformers.from_pretrained`` loads without llm-compressor, on
+    the serving environment's newer transformers, and generates what the
+    loader gives here, under every experts implementation."""
+    result = in_serving_transformers[f"{name}@{implementation}"]
+    assert_matches(result, checkpoints[name][1])
+    assert result["transformers"] != transformers.__version__
 
 
 def test_novice_experts_under_the_serving_transformers(serving_python):

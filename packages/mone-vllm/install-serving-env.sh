@@ -13,4 +13,5 @@ if ! "$venv/bin/python" -c "import vllm" 2>/dev/null; then
   # model imports ("operator torchvision::nms does not exist")
   "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
 fi
-"$venv/bin/pip" install -q -e "$packages/mone-format" -e "$packages/mone-vllm"
+"$venv/bin/pip" install -q -e "$packages/mone-format" -e "$packages/mone-transformers" \
+  -e "$packages/mone-vllm"

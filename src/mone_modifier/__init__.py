@@ -10,11 +10,11 @@ explain a failure of llm-compressor's expert linearisation.
 from llmcompressor.modifiers.factory import ModifierFactory
 
 from mone_modifier.base import MoNEPruningModifier
-from mone_modifier.loading import from_pretrained
 from mone_modifier.validation import (
     explain_linearisation_failures,
     refuse_pruned_checkpoints_in_oneshot,
 )
+from mone_transformers import from_pretrained
 
 __all__ = ["MoNEPruningModifier", "from_pretrained"]
 

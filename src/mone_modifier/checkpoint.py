@@ -29,11 +29,13 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 
 import torch
 from compressed_tensors.distributed import is_distributed, is_source_process
+from llmcompressor.modeling.moe.gpt_oss import GptOssExpertMLP
 from llmcompressor.modeling.moe.linearize import repack_moe
 from loguru import logger
 from torch import distributed as dist
@@ -44,7 +46,6 @@ from mone_format import (
     mone_architecture,
     recorded_novices,
 )
-from mone_modifier.expert_packing import gpt_oss_repack_fix
 
 __all__ = ["install_checkpoint_writer", "write_expert_count"]
 
@@ -162,3 +163,29 @@ def _publish(staging: Path, target: Path):
         if destination.is_dir() and not file.is_dir():
             shutil.rmtree(destination)
         os.replace(file, destination)
+
+
+@contextmanager
+def gpt_oss_repack_fix():
+    """llm-compressor 0.14 repacks GPT-OSS experts into halves of
+    ``gate_up_proj`` although the model interleaves gate and up columns (its
+    own ``copy_from_experts_module`` reads them interleaved)."""
+    original = GptOssExpertMLP.__dict__.get("copy_to_experts_module")
+    GptOssExpertMLP.copy_to_experts_module = _gpt_oss_copy_to_experts_module
+    try:
+        yield
+    finally:
+        if original is None:
+            del GptOssExpertMLP.copy_to_experts_module
+        else:
+            GptOssExpertMLP.copy_to_experts_module = original
+
+
+@torch.no_grad()
+def _gpt_oss_copy_to_experts_module(self, experts, index: int):
+    experts.gate_up_proj[index, :, 0::2].copy_(self.gate_proj.weight.T)
+    experts.gate_up_proj[index, :, 1::2].copy_(self.up_proj.weight.T)
+    experts.down_proj[index].copy_(self.down_proj.weight.T)
+    experts.gate_up_proj_bias[index, 0::2].copy_(self.gate_proj.bias)
+    experts.gate_up_proj_bias[index, 1::2].copy_(self.up_proj.bias)
+    experts.down_proj_bias[index].copy_(self.down_proj.bias)

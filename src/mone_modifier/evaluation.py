@@ -20,7 +20,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoTokenizer
 
-from mone_modifier.loading import from_pretrained
+from mone_transformers import from_pretrained
 
 __all__ = ["MoNELM"]
 

@@ -21,7 +21,7 @@ from transformers import AutoConfig
 
 from mone_format import expert_count, read_novices, recorded_novices
 from mone_modifier.novice import NoviceExpert
-from mone_modifier.pruned_experts import NoviceMoEExperts
+from mone_transformers.pruned_experts import NoviceMoEExperts
 
 __all__ = [
     "check_calibration_tokens",

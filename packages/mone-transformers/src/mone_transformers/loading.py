@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
 from safetensors import safe_open
 from transformers import (
     AutoConfig,
@@ -41,9 +40,9 @@ from mone_format import (
     layer_index,
     read_novices,
 )
-from mone_modifier.dequantize import dequantize_tensors
-from mone_modifier.expert_packing import pack_experts
-from mone_modifier.pruned_experts import NoviceMoEExperts
+from mone_transformers.dequantize import dequantize_tensors
+from mone_transformers.expert_packing import is_fused_experts, pack_experts
+from mone_transformers.pruned_experts import NoviceMoEExperts
 
 __all__ = ["from_pretrained"]
 
@@ -87,7 +86,7 @@ def from_pretrained(
     text_config = model.config.get_text_config()
     weight_mapping = get_model_conversion_mapping(model)
     model_names = _model_names(model, weight_mapping, tensors)
-    moe_layers = get_non_linearized_moes(model)
+    moe_layers = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
     _check_novice_layers(novices, [layer_index(name) for name, _ in moe_layers], path)
     for name, experts in moe_layers:
         layer = layer_index(name)
