@@ -8,6 +8,10 @@ environment's newer transformers is in ``test_serving.py``.
 
 import pytest
 import torch
+from transformers.integrations.moe import (
+    ALL_EXPERTS_FUNCTIONS,
+    batched_mm_experts_forward,
+)
 
 import mone_modifier
 import novice_experts_check
@@ -40,6 +44,27 @@ def test_novice_routes_cost_no_expert_rows(monkeypatch):
     retained_routes = sum(i not in novices for i in ids.flatten().tolist())
     assert retained_routes < ids.numel()
     assert computed_rows == [retained_routes, retained_routes]
+
+
+def test_other_registered_implementations_see_only_retained_expert_ids(monkeypatch):
+    """transformers also registers ``deepgemm`` and ``sonicmoe``, whose kernels
+    this machine lacks. An implementation registered the same way stands in
+    for them: it is given only ids of the retained module, and the layer
+    still equals the independent computation."""
+    given = []
+
+    def retained_ids_only(self, hidden_states, top_k_index, top_k_weights):
+        given.append(top_k_index.clone())
+        return batched_mm_experts_forward(
+            self, hidden_states, top_k_index, top_k_weights
+        )
+
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, "retained_ids_only", retained_ids_only)
+    assert novice_experts_check.max_diff("retained_ids_only") < 1e-5
+    retained = len(novice_experts_check.RETAINED_IDS)
+    assert given and all(
+        0 <= int(ids.min()) <= int(ids.max()) < retained for ids in given
+    )
 
 
 @pytest.fixture(scope="module")
