@@ -61,11 +61,26 @@ def saved(tmp_path_factory, tiny_moe, samples):
     return get
 
 
-@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
-def test_saved_statistics_prune_as_the_basic_run(family, saved, tiny_moe, samples):
-    pruned = prune_from(tiny_moe(family), str(saved(family)), sparsity=0.25)
+FAMILIES = [
+    "olmoe",
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gpt_oss",
+]
+
+
+@pytest.mark.parametrize("scope", ["layer", "model"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_statistics_prune_as_the_basic_run(
+    family, scope, saved, tiny_moe, samples
+):
+    settings = dict(sparsity=0.25, scope=scope)
+    pruned = prune_from(tiny_moe(family), str(saved(family)), **settings)
     expected = run_oneshot(
-        tiny_moe(family), samples, MoNEPruningModifier(sparsity=0.25), pipeline="basic"
+        tiny_moe(family), samples, MoNEPruningModifier(**settings), pipeline="basic"
     )
     assert_same_pruning(pruned, expected, samples)
 

@@ -40,6 +40,7 @@ from mone_modifier.report import LayerDecision, build_report, write_report
 from mone_modifier.scoring import (
     PruningBudget,
     Scoring,
+    check_rankable,
     expert_scores,
     plan_budget,
     select_novices,
@@ -368,20 +369,7 @@ class MoNEPruningModifier(Modifier):
             self._measured.update({layer.name: stats[layer.index] for layer in layers})
         for layer in layers:
             self.remove_hooks(self._layer_hooks.pop(layer.name))
-            if stats[layer.index].tokens == 0:
-                raise ValueError(
-                    f"MoNE layer {layer.index} ({layer.name}): no calibration "
-                    f"token reached it, so its experts cannot be ranked; "
-                    f"llm-compressor's calibration pipeline did not run it. Try "
-                    f"oneshot(..., pipeline='basic')."
-                )
-            if bad := stats[layer.index].non_finite_experts():
-                raise ValueError(
-                    f"MoNE layer {layer.index}: experts {bad} produced NaN or inf "
-                    f"outputs on the calibration data, so no statistic of theirs "
-                    f"can rank them. Check the checkpoint's weights, or load a "
-                    f"float16 model in bfloat16 or float32 to avoid overflow."
-                )
+            check_rankable(layer.name, layer.index, stats[layer.index])
         scores = {
             index: expert_scores(s, self.scoring, self.seed, index)
             for index, s in stats.items()

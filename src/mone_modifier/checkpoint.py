@@ -47,7 +47,12 @@ from mone_format import (
     recorded_novices,
 )
 
-__all__ = ["install_checkpoint_writer", "write_expert_count"]
+__all__ = [
+    "install_checkpoint_writer",
+    "publish",
+    "write_expert_count",
+    "write_novices",
+]
 
 WEIGHT_FILE_SUFFIXES = (
     ".safetensors",
@@ -90,12 +95,12 @@ def install_checkpoint_writer(
         try:
             save(staging, *args, **kwargs)
             if dropped_to is None:
-                _write_novices(
+                write_novices(
                     staging, recorded_novices(model.config), stock_architectures
                 )
             else:
                 write_expert_count(staging, dropped_to)
-            _publish(staging, target)
+            publish(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if is_distributed():
@@ -124,7 +129,7 @@ def _config_in(directory: Path) -> tuple[Path, dict, dict]:
     return path, config, config.get("text_config", config)
 
 
-def _write_novices(
+def write_novices(
     directory: Path, novices: dict[int, list[int]], stock_architectures: bool
 ):
     path, config, text = _config_in(directory)
@@ -145,7 +150,7 @@ def write_expert_count(directory: Path, count: int):
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _publish(staging: Path, target: Path):
+def publish(staging: Path, target: Path):
     """
     Move the staged checkpoint into ``target``. A previous checkpoint there is
     replaced whole: its ``config.json`` goes first, then its weight files (a

@@ -22,12 +22,30 @@ from mone_modifier.statistics import LayerStatistics
 __all__ = [
     "Scoring",
     "PruningBudget",
+    "check_rankable",
     "expert_scores",
     "plan_budget",
     "select_novices",
 ]
 
 Scoring = Literal["mone", "frequency", "variance", "reap", "random"]
+
+
+def check_rankable(name: str, index: int, stats: LayerStatistics):
+    """Refuse a layer whose statistics cannot rank its experts."""
+    if stats.tokens == 0:
+        raise ValueError(
+            f"MoNE layer {index} ({name}): no calibration token reached it, so "
+            f"its experts cannot be ranked; llm-compressor's calibration "
+            f"pipeline did not run it. Try oneshot(..., pipeline='basic')."
+        )
+    if bad := stats.non_finite_experts():
+        raise ValueError(
+            f"MoNE layer {index}: experts {bad} produced NaN or inf outputs on "
+            f"the calibration data, so no statistic of theirs can rank them. "
+            f"Check the checkpoint's weights, or load a float16 model in "
+            f"bfloat16 or float32 to avoid overflow."
+        )
 
 
 def expert_scores(

@@ -13,6 +13,7 @@ would load it.
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ from mone_transformers.dequantize import dequantize_tensors
 from mone_transformers.expert_packing import is_fused_experts, pack_experts
 from mone_transformers.pruned_experts import NoviceMoEExperts
 
-__all__ = ["from_pretrained"]
+__all__ = ["config_dtype", "from_pretrained", "model_class", "model_names"]
 
 
 def from_pretrained(
@@ -80,19 +81,19 @@ def from_pretrained(
         tensors = dequantize_tensors(tensors, quantization)
     # transformers' loading path casts every tensor to its parameter's dtype:
     # build in the requested one, else the checkpoint's (its "auto")
-    build_dtype = dtype or _config_dtype(text_config)
+    build_dtype = dtype or config_dtype(text_config)
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config, dtype=build_dtype, **kwargs)
     text_config = model.config.get_text_config()
     weight_mapping = get_model_conversion_mapping(model)
-    model_names = _model_names(model, weight_mapping, tensors)
+    names = model_names(model, weight_mapping, tensors)
     moe_layers = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
     _check_novice_layers(novices, [layer_index(name) for name, _ in moe_layers], path)
     for name, experts in moe_layers:
         layer = layer_index(name)
         stored = novices.get(layer, LayerNovices({}))
         per_expert = _logical_experts(
-            tensors, model_names, name, stored, experts.num_experts
+            tensors, names, name, stored, experts.num_experts
         )
         model.set_submodule(
             name, _load_layer(type(experts), text_config, layer, per_expert, stored)
@@ -126,7 +127,7 @@ def model_class(config: PretrainedConfig) -> type:
     )
 
 
-def _config_dtype(config: PretrainedConfig) -> torch.dtype:
+def config_dtype(config: PretrainedConfig) -> torch.dtype:
     value = getattr(config, "dtype", None) or torch.float32
     return getattr(torch, value) if isinstance(value, str) else value
 
@@ -140,8 +141,8 @@ def _check_novice_layers(novices: dict, moe_layers: list[int], path: Path):
         )
 
 
-def _model_names(
-    model: PreTrainedModel, weight_mapping: list, tensors: dict[str, torch.Tensor]
+def model_names(
+    model: PreTrainedModel, weight_mapping: list, checkpoint_names: Iterable[str]
 ) -> dict[str, str]:
     """Checkpoint name -> model name, by transformers' own load-time renames
     (scoped per sub-model, e.g. Mixtral's ``block_sparse_moe`` -> ``mlp``),
@@ -153,7 +154,7 @@ def _model_names(
         key: rename_source_key(
             key, renamings, [], model.base_model_prefix, meta_state_dict
         )[0]
-        for key in tensors
+        for key in checkpoint_names
     }
 
 
@@ -177,12 +178,12 @@ def _load_the_rest(
 
 
 def _pop_named(
-    tensors: dict[str, torch.Tensor], model_names: dict[str, str], name: str
+    tensors: dict[str, torch.Tensor], names: dict[str, str], name: str
 ) -> torch.Tensor:
     """The tensor the config names, by its checkpoint name or, as written
     by a loaded model, by its model name."""
     if name not in tensors:
-        name = next((k for k in tensors if model_names[k] == name), name)
+        name = next((k for k in tensors if names[k] == name), name)
     if name not in tensors:
         raise ValueError(f"the checkpoint has no tensor {name!r} named by its config")
     return tensors.pop(name)
@@ -203,7 +204,7 @@ def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _logical_experts(
     tensors: dict[str, torch.Tensor],
-    model_names: dict[str, str],
+    names: dict[str, str],
     experts_name: str,
     stored: LayerNovices,
     num_experts: int,
@@ -214,8 +215,8 @@ def _logical_experts(
     ``approx_value``."""
     pattern = re.compile(rf"{re.escape(experts_name)}\.(\d+)\.(.+)")
     per_expert: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key in [k for k in tensors if pattern.fullmatch(model_names[k])]:
-        expert, tensor = pattern.fullmatch(model_names[key]).groups()
+    for key in [k for k in tensors if pattern.fullmatch(names[k])]:
+        expert, tensor = pattern.fullmatch(names[key]).groups()
         per_expert[int(expert)][tensor] = tensors.pop(key)
     if stored.compact:
         retained = [i for i in range(num_experts) if i not in stored.novices]
@@ -229,7 +230,7 @@ def _logical_experts(
     for expert, tensor_name in stored.novices.items():
         if tensor_name is not None:
             per_expert[expert] = {
-                NOVICE_TENSOR: _pop_named(tensors, model_names, tensor_name)
+                NOVICE_TENSOR: _pop_named(tensors, names, tensor_name)
             }
     return dict(per_expert)
 
