@@ -11,7 +11,10 @@ prose domains, then two models with architectures llm-compressor handles:
 - ``deepseek``: DeepSeek-V3-style, sigmoid group-limited routing with a
   shared expert and a dense first layer, balanced the DeepSeek-V3 way (the
   router's correction bias moves towards under-used experts after each step,
-  no auxiliary loss).
+  no auxiliary loss);
+- ``olmoe64``: ``olmoe`` at the MoNE paper's granularity, OLMoE-1B-7B's 64
+  routed experts and top-8, each a quarter of ``olmoe``'s width, so the
+  total expert parameters are the same and it trains in about the same time.
 
 Training is deterministic (fixed seeds, fixed step count, one data order) and
 cached under a hash of everything that shapes the model, so later runs reuse
@@ -86,6 +89,7 @@ def full_setup() -> Setup:
         output_router_logits=True,
         router_aux_loss_coef=0.01,
     )
+    olmoe64 = dict(olmoe, num_experts=64, num_experts_per_tok=8, intermediate_size=64)
     deepseek = dict(
         common,
         num_hidden_layers=5,
@@ -111,13 +115,16 @@ def full_setup() -> Setup:
             "deepseek": Training(
                 "deepseek_v3", deepseek, 700, 16, 256, 2e-3, bias_update=1e-3
             ),
+            "olmoe64": Training("olmoe", olmoe64, 700, 16, 256, 2e-3),
         },
     )
 
 
 def quick_setup() -> Setup:
-    """Tiny models, a few steps: checks the pipeline, learns little."""
+    """Tiny models, a few steps: checks the pipeline, learns little. The
+    fine-grained ``olmoe64`` would shrink to the quick ``olmoe``: left out."""
     full = full_setup()
+    del full.models["olmoe64"]
     shrink = dict(
         vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=64
     )
