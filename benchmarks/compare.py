@@ -2,13 +2,14 @@
 MoNE against REAP and the other criteria on the benchmark's trained MoE
 models: quality, robustness, speed, memory and size, in one run.
 
-    python benchmarks/compare.py [--quick] [--out benchmarks]
+    python benchmarks/compare.py [--quick] [--out benchmarks] [--models NAME ...]
 
 Every method prunes the same model with the same calibration data. Quality
 is measured on held-out text of each domain: perplexity, next-token top-1
 accuracy, and a multiple-choice accuracy run through lm-eval (choose the
 true continuation among four). Writes RESULTS.md (or RESULTS_quick.md), a
-JSON of every number, and PNG plots into ``--out``.
+JSON of every number, and PNG plots into ``--out``; with ``--models``, only
+those models, into RESULTS_<models>.md and results_<models>.json.
 """
 
 import argparse
@@ -42,7 +43,7 @@ from llmcompressor.modifiers.quantization import GPTQModifier
 from loguru import logger
 from novice_speed import paired_speed
 from pruned_checkpoints import checkpoint_bytes
-from train_models import build, full_setup, quick_setup
+from train_models import build, full_setup, models_suffix, quick_setup, select
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mone_modifier import MoNEPruningModifier
@@ -536,7 +537,7 @@ def plot(results: dict, out: Path, suffix: str):
         plt.close(fig)
 
 
-def write_report(results: dict, out: Path, suffix: str, command: str):
+def write_report(results: dict, path: Path, suffix: str, command: str):
     questions = results["choice_questions"]
     lines = [
         f"# MoNE benchmark results{' (quick mode)' if suffix else ''}",
@@ -606,7 +607,7 @@ def write_report(results: dict, out: Path, suffix: str, command: str):
         )
         lines += ["", f"![quality](quality_{name}{suffix}.png)"]
         lines += [f"![robustness](robustness_{name}{suffix}.png)"]
-    (out / f"RESULTS{suffix}.md").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):
@@ -619,6 +620,7 @@ def main(argv=None):
         "--oneshot-cost", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS
     )
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", help="only these models")
     args = parser.parse_args(argv)
     if args.oneshot_cost:
         model, method = args.oneshot_cost
@@ -629,7 +631,9 @@ def main(argv=None):
     logger.add(sys.stderr, level="WARNING")
     start = time.time()
     plan, setup = (QUICK, quick_setup()) if args.quick else (FULL, full_setup())
+    setup = select(setup, args.models)
     suffix = "_quick" if args.quick else ""
+    report_suffix = suffix + models_suffix(args.models)
     domains = {name: load_domain(name) for name in DOMAINS}
     for source in ("code", "prose", "mixed"):  # fail now, not an hour in
         for size in plan.robustness_sizes:
@@ -682,11 +686,15 @@ def main(argv=None):
         }
     results["seconds"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"results{report_suffix}.json").write_text(
+        json.dumps(results, indent=2)
+    )
     plot(results, args.out, suffix)
     command = "python benchmarks/compare.py" + (" --quick" if args.quick else "")
-    write_report(results, args.out, suffix, command)
-    print((args.out / f"RESULTS{suffix}.md").read_text())
+    if args.models:
+        command += " --models " + " ".join(args.models)
+    write_report(results, args.out / f"RESULTS{report_suffix}.md", suffix, command)
+    print((args.out / f"RESULTS{report_suffix}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ A sparsity sweep from one calibration, against calibrating once per
 sparsity, on the benchmark's trained MoE models.
 
     python benchmarks/statistics_sweep.py [--quick] [--out benchmarks/results]
+                                          [--models NAME ...]
 
 For each trained model (``train_models.py``'s, cached) and the calibration
 data of ``compare.py``: one ``pipeline="basic"`` run saves the statistics,
@@ -28,7 +29,7 @@ from compare import FULL, QUICK, Evaluator, calibration_set
 from data import DOMAINS, load_domain
 from llmcompressor import oneshot
 from loguru import logger
-from train_models import build, full_setup, quick_setup
+from train_models import build, full_setup, models_suffix, quick_setup, select
 from transformers import AutoTokenizer
 
 from mone_modifier import MoNEPruningModifier
@@ -119,9 +120,11 @@ def main(argv=None):
         default=Path(__file__).parent / "results",
         help="directory for statistics_sweep[_quick].json",
     )
+    parser.add_argument("--models", nargs="+", help="only these models")
     args = parser.parse_args(argv)
     logger.remove()
     setup, plan = (quick_setup(), QUICK) if args.quick else (full_setup(), FULL)
+    setup = select(setup, args.models)
     sparsities = SPARSITIES[1::2] if args.quick else SPARSITIES
     domains = {name: load_domain(name) for name in DOMAINS}
     dataset = calibration_set(
@@ -131,8 +134,11 @@ def main(argv=None):
     results = {
         "machine": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-        "command": "python benchmarks/statistics_sweep.py"
-        + (" --quick" if args.quick else ""),
+        "command": " ".join(
+            ["python benchmarks/statistics_sweep.py"]
+            + (["--quick"] if args.quick else [])
+            + (["--models", *args.models] if args.models else [])
+        ),
         "models": {},
     }
     for name, path in build(setup).items():
@@ -144,7 +150,7 @@ def main(argv=None):
         )
         print(markdown(name, results["models"][name]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + models_suffix(args.models)
     (args.out / f"statistics_sweep{suffix}.json").write_text(
         json.dumps(results, indent=2)
     )

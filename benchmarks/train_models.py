@@ -1,7 +1,7 @@
 """
 The benchmark's own small MoE language models, trained here on real text.
 
-    python benchmarks/train_models.py [--quick] [--cache DIR]
+    python benchmarks/train_models.py [--quick] [--cache DIR] [--models NAME ...]
 
 A byte-level BPE tokenizer is trained on the training split of the code and
 prose domains, then two models with architectures llm-compressor handles:
@@ -155,6 +155,20 @@ def quick_setup() -> Setup:
             bias_update=training.bias_update,
         )
     return Setup(512, models_)
+
+
+def select(setup: Setup, names: list[str] | None) -> Setup:
+    """``setup`` with only the models ``names`` (all when None)."""
+    if names is None:
+        return setup
+    if unknown := sorted(set(names) - set(setup.models)):
+        raise SystemExit(f"--models: no model {unknown}; models: {list(setup.models)}")
+    return Setup(setup.vocab_size, {n: setup.models[n] for n in names})
+
+
+def models_suffix(names: list[str] | None) -> str:
+    """The file-name suffix of a run restricted to ``names``."""
+    return "".join(f"_{name}" for name in names or [])
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -319,8 +333,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--models", nargs="+", help="only these models")
     args = parser.parse_args(argv)
-    paths = build(quick_setup() if args.quick else full_setup(), args.cache)
+    setup = select(quick_setup() if args.quick else full_setup(), args.models)
+    paths = build(setup, args.cache)
     print("| model | domain | held-out perplexity | unigram baseline |")
     print("| --- | --- | ---: | ---: |")
     for name, path in paths.items():

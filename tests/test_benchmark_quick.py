@@ -134,10 +134,14 @@ def test_novice_speed_quick(tmp_path):
 
 def test_statistics_sweep_quick(tmp_path):
     """benchmarks/statistics_sweep.py end to end: one calibration's
-    statistics prune every sparsity, beside calibrating once per sparsity."""
-    run_quick("statistics_sweep.py", tmp_path)
-    results = json.loads((tmp_path / "statistics_sweep_quick.json").read_text())
-    assert set(results["models"]) == {"olmoe", "deepseek"}
+    statistics prune every sparsity, beside calibrating once per sparsity;
+    ``--models`` restricts the run and names its file."""
+    run_quick("statistics_sweep.py", tmp_path, "--models", "deepseek")
+    results = json.loads(
+        (tmp_path / "statistics_sweep_quick_deepseek.json").read_text()
+    )
+    assert set(results["models"]) == {"deepseek"}
+    assert results["command"].endswith("--quick --models deepseek")
     for result in results["models"].values():
         assert [row["sparsity"] for row in result["rows"]] == [0.25, 0.5]
         for row in result["rows"]:
