@@ -133,24 +133,33 @@ def test_holds_one_shard_at_a_time(calibrated, tmp_path, monkeypatch):
 
 
 def test_command_line(calibrated, samples, tmp_path):
+    """The command prunes as the function does, and reports as oneshot."""
     source, statistics = calibrated("olmoe")
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "mone_modifier.checkpoint_pruning", str(source)]
         + [str(out), "--statistics", str(statistics), "--sparsity", "0.5"]
-        + ["--scope", "model"],
+        + ["--scope", "model", "--report", str(tmp_path / "report.json")],
         capture_output=True,
         text=True,
         check=True,
     )
     novices = json.loads(result.stdout.strip().splitlines()[-1])
     expected = via_oneshot(
-        source, statistics, tmp_path / "expected", sparsity=0.5, scope="model"
+        source,
+        statistics,
+        tmp_path / "expected",
+        sparsity=0.5,
+        scope="model",
+        report_path=str(tmp_path / "expected.json"),
     )
     assert_same_checkpoint(out, expected, samples)
     assert (
         novices == json.loads((out / "config.json").read_text())["approximate_experts"]
     )
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report == json.loads((tmp_path / "expected.json").read_text())
+    assert (tmp_path / "report.png").is_file()
 
 
 def assert_refused(tmp_path, pattern, *args, **settings):

@@ -36,7 +36,13 @@ from mone_modifier.novice import (
     novice_values,
     replace_with_novices,
 )
-from mone_modifier.report import LayerDecision, build_report, write_report
+from mone_modifier.report import (
+    LayerDecision,
+    build_report,
+    layer_decision,
+    report_settings,
+    write_report,
+)
 from mone_modifier.scoring import (
     PruningBudget,
     Scoring,
@@ -415,9 +421,7 @@ class MoNEPruningModifier(Modifier):
         scores: torch.Tensor,
         novices: list[int],
     ) -> LayerDecision:
-        num_experts = self._moe.attrs.num_experts
-        retained = sorted(set(range(num_experts)) - set(novices))
-        never_routed = [i for i in range(num_experts) if not stats.is_routed[i]]
+        decision = layer_decision(layer.name, layer.index, stats, scores, novices)
         experts = self._moe.experts(model, layer)
         replaced = [experts[i] for i in novices]
         if self.novice == "drop":
@@ -425,8 +429,8 @@ class MoNEPruningModifier(Modifier):
                 model.get_submodule(layer.name),
                 self._moe.attrs.router_attr,
                 self._moe.attrs.experts_attr,
-                retained,
-                num_experts,
+                decision.retained,
+                self._moe.attrs.num_experts,
             )
             outcome = "dropped"
         else:
@@ -435,7 +439,7 @@ class MoNEPruningModifier(Modifier):
             outcome = f"{self.novice} novices"
         forget_modules(replaced)
         logger.info(f"MoNE layer {layer.index}: experts {novices} -> {outcome}")
-        if never_routed:
+        if never_routed := decision.never_routed:
             unmeasured = sorted(set(never_routed) & set(novices))
             logger.warning(
                 f"MoNE layer {layer.index}: experts {never_routed} received no "
@@ -443,18 +447,7 @@ class MoNEPruningModifier(Modifier):
                 f"{'' if self.novice == 'drop' else ' by zero novices'}. More or "
                 f"more varied calibration data would measure them."
             )
-        return LayerDecision(
-            name=layer.name,
-            index=layer.index,
-            novices=novices,
-            retained=retained,
-            never_routed=never_routed,
-            tokens=int(stats.tokens),
-            score=scores.tolist(),
-            frequency=stats.frequency.tolist(),
-            output_std=stats.output_std.tolist(),
-            routed_tokens=[int(n) for n in stats.routed.tolist()],
-        )
+        return decision
 
     def _model_identity(self, model: torch.nn.Module) -> dict:
         attrs = self._moe.attrs
@@ -477,24 +470,27 @@ class MoNEPruningModifier(Modifier):
             self._measured,
             self._identity,
             measured,
-            self.model_dump(
-                include={"sparsity", "scoring", "scope", "novice", "ignore", "seed"}
-            ),
+            self.decision_settings(),
         )
         logger.info(
             f"MoNE statistics ({measured}) written to {self.save_statistics_path}"
+        )
+
+    def decision_settings(self) -> dict:
+        """The options that decide the pruning (a report's and a statistics
+        file's record of the run)."""
+        return self.model_dump(
+            include={"sparsity", "scoring", "scope", "novice", "ignore", "seed"}
         )
 
     def report(self) -> dict:
         """The settings, totals and every layer's decision so far (what
         ``report_path`` receives)."""
         attrs = self._moe.attrs
-        settings = {
-            **self.model_dump(
-                include={"sparsity", "scoring", "scope", "novice", "ignore", "seed"}
-            ),
-            "num_experts": attrs.num_experts,
-            "top_k": attrs.top_k,
-            "replaced_per_layer": self._budget.per_layer,
-        }
+        settings = report_settings(
+            self.decision_settings(),
+            attrs.num_experts,
+            attrs.top_k,
+            self._budget.per_layer,
+        )
         return build_report(settings, self._decisions)

@@ -49,6 +49,12 @@ from mone_format import NOVICE_TENSOR, expert_count, layer_index
 from mone_modifier.base import MoNEPruningModifier
 from mone_modifier.checkpoint import WEIGHT_FILE_SUFFIXES, publish, write_novices
 from mone_modifier.novice import novice_values
+from mone_modifier.report import (
+    build_report,
+    layer_decision,
+    report_settings,
+    write_report,
+)
 from mone_modifier.scoring import (
     check_rankable,
     expert_scores,
@@ -82,6 +88,7 @@ def prune_checkpoint(
     ignore: list[str] | None = None,
     seed: int = 0,
     stock_architectures: bool = False,
+    report_path: str | None = None,
 ) -> dict[int, list[int]]:
     """
     Write ``source`` pruned by ``statistics`` to ``output``.
@@ -90,8 +97,8 @@ def prune_checkpoint(
     :param output: directory to write the pruned checkpoint to
     :param statistics: statistics file(s) saved by ``save_statistics_path``
     :param sparsity, scoring, scope, novice, ignore, seed,
-        stock_architectures: as ``MoNEPruningModifier``'s (``novice: drop``
-        changes the router, so it is not offered here)
+        stock_architectures, report_path: as ``MoNEPruningModifier``'s
+        (``novice: drop`` changes the router, so it is not offered here)
     :return: decoder layer index -> the expert ids that became novices
     """
     settings = MoNEPruningModifier(
@@ -102,6 +109,7 @@ def prune_checkpoint(
         ignore=ignore or [],
         seed=seed,
         stock_architectures=stock_architectures,
+        report_path=report_path,
         statistics_path=[str(p) for p in statistics]
         if isinstance(statistics, list)
         else str(statistics),
@@ -120,7 +128,7 @@ def prune_checkpoint(
         {"model_type": config.model_type, "config": identity_config(config)},
         str(settings.statistics_path),
     )
-    novices, values = _decide(settings, saved, config)
+    novices, values, report = _decide(settings, saved, config)
     shards = _shard_keys(source)
     layers = {layer_index(name): name for name in saved.identity["layers"]}
     placement = _expert_tensors(config, shards, {i: layers[i] for i in novices})
@@ -134,6 +142,8 @@ def prune_checkpoint(
         config,
         settings.stock_architectures,
     )
+    if settings.report_path is not None:
+        write_report(settings.report_path, report)
     return novices
 
 
@@ -156,9 +166,9 @@ def _check_paths(source: Path, output: Path):
 
 def _decide(
     settings: MoNEPruningModifier, saved: SavedStatistics, config: PretrainedConfig
-) -> tuple[dict[int, list[int]], dict[int, dict[int, torch.Tensor]]]:
-    """The modifier's decision on saved statistics: each layer's novices and
-    their vectors."""
+) -> tuple[dict[int, list[int]], dict[int, dict[int, torch.Tensor]], dict]:
+    """The modifier's decision on saved statistics: each layer's novices,
+    their vectors, and the report of it."""
     names = [
         name
         for name in saved.identity["layers"]
@@ -195,7 +205,20 @@ def _decide(
         index: novice_values(stats[index], ids, settings.novice)
         for index, ids in novices.items()
     }
-    return novices, values
+    decisions = [
+        layer_decision(name, index, stats[index], scores[index], novices[index])
+        for name, index in zip(names, stats)
+    ]
+    report = build_report(
+        report_settings(
+            settings.decision_settings(),
+            saved.identity["num_experts"],
+            saved.identity["top_k"],
+            budget.per_layer,
+        ),
+        decisions,
+    )
+    return novices, values, report
 
 
 def _config_value(config: PretrainedConfig, keys: list[str]):
@@ -325,6 +348,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--ignore", nargs="*", default=[])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stock-architectures", action="store_true")
+    parser.add_argument("--report", help="path of a .json pruning report")
     args = parser.parse_args(argv)
     novices = prune_checkpoint(
         args.source,
@@ -337,6 +361,7 @@ def main(argv: list[str] | None = None):
         ignore=args.ignore,
         seed=args.seed,
         stock_architectures=args.stock_architectures,
+        report_path=args.report,
     )
     print(json.dumps({str(k): v for k, v in sorted(novices.items())}))
 

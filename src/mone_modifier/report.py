@@ -10,7 +10,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LayerDecision", "build_report", "write_report"]
+import torch
+
+from mone_modifier.statistics import LayerStatistics
+
+__all__ = [
+    "LayerDecision",
+    "build_report",
+    "layer_decision",
+    "report_settings",
+    "write_report",
+]
 
 
 @dataclass
@@ -40,6 +50,41 @@ class LayerDecision:
     frequency: list[float]
     output_std: list[float]
     routed_tokens: list[int]
+
+
+def layer_decision(
+    name: str,
+    index: int,
+    stats: LayerStatistics,
+    scores: torch.Tensor,
+    novices: list[int],
+) -> LayerDecision:
+    """One layer's decision with the statistics it rests on."""
+    num_experts = len(scores)
+    return LayerDecision(
+        name=name,
+        index=index,
+        novices=novices,
+        retained=sorted(set(range(num_experts)) - set(novices)),
+        never_routed=[i for i in range(num_experts) if not stats.is_routed[i]],
+        tokens=int(stats.tokens),
+        score=scores.tolist(),
+        frequency=stats.frequency.tolist(),
+        output_std=stats.output_std.tolist(),
+        routed_tokens=[int(n) for n in stats.routed.tolist()],
+    )
+
+
+def report_settings(
+    modifier_settings: dict, num_experts: int, top_k: int, replaced_per_layer: int
+) -> dict[str, Any]:
+    """A report's settings: the MoNE options and the routing shape."""
+    return {
+        **modifier_settings,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "replaced_per_layer": replaced_per_layer,
+    }
 
 
 def build_report(settings: dict[str, Any], decisions: list[LayerDecision]) -> dict:
