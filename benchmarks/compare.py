@@ -85,8 +85,18 @@ METHODS = (
 ROBUSTNESS_METHODS = ("mone", "frequency", "variance", "reap")
 
 
-def w4a16(hidden_size: int) -> GPTQModifier:
-    group = min(128, hidden_size)
+def w4a16_group_size(config: dict) -> int:
+    """The largest group of at most 128 that divides every Linear's input
+    width: the hidden size and the expert widths (olmoe64's experts are 64
+    wide)."""
+    widths = [config["hidden_size"], config["intermediate_size"]]
+    widths += (
+        [config["moe_intermediate_size"]] if "moe_intermediate_size" in config else []
+    )
+    return math.gcd(128, *widths)
+
+
+def w4a16(group: int) -> GPTQModifier:
     return GPTQModifier(
         config_groups={
             "group_0": {
@@ -276,7 +286,7 @@ def prune(model_path: Path, modifiers: list, dataset: Dataset, seq_len: int):
     return model, time.perf_counter() - start
 
 
-def quality_table(model_path, evaluate, plan, domains, seq_len, hidden) -> list[dict]:
+def quality_table(model_path, evaluate, plan, domains, seq_len, group) -> list[dict]:
     rows = []
     base = AutoModelForCausalLM.from_pretrained(model_path)
     rows.append(
@@ -290,7 +300,7 @@ def quality_table(model_path, evaluate, plan, domains, seq_len, hidden) -> list[
             for quantize in (False, True) if plan.with_w4a16 else (False,):
                 modifiers = method_modifiers(method, sparsity)
                 if quantize:
-                    modifiers.append(w4a16(hidden))
+                    modifiers.append(w4a16(group))
                 logger.info(f"{model_path.name}: {method} {sparsity} w4a16={quantize}")
                 model, seconds = prune(model_path, modifiers, dataset, seq_len)
                 rows.append(
@@ -651,12 +661,10 @@ def main(argv=None):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         # one choice task (text only) for every model, so one lm-eval task index
         evaluate = Evaluator(tokenizer, domains, plan, seq_len, work)
-        hidden = training.config["hidden_size"]
+        group = w4a16_group_size(training.config)
         timer = PhaseTimer()
         with timer("quality"):
-            quality = quality_table(
-                model_path, evaluate, plan, domains, seq_len, hidden
-            )
+            quality = quality_table(model_path, evaluate, plan, domains, seq_len, group)
         with timer("robustness"):
             robustness = robustness_table(
                 model_path, evaluate, plan, domains, seq_len, quality[0]
