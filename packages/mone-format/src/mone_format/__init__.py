@@ -7,6 +7,7 @@ which ``architectures`` names mark a MoNE checkpoint. Shared by
 """
 
 from mone_format.architectures import mone_architecture, stock_architecture
+from mone_format.authors import AUTHORS_MODEL_TYPES, stock_config
 from mone_format.novices import (
     EXPERT_COUNT_KEYS,
     NOVICE_TENSOR,
@@ -20,6 +21,7 @@ from mone_format.novices import (
 )
 
 __all__ = [
+    "AUTHORS_MODEL_TYPES",
     "EXPERT_COUNT_KEYS",
     "NOVICE_TENSOR",
     "NOVICES_CONFIG_KEY",
@@ -30,5 +32,6 @@ __all__ = [
     "read_novices",
     "record_novices",
     "recorded_novices",
+    "stock_config",
     "stock_architecture",
 ]

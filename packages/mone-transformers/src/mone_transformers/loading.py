@@ -11,6 +11,7 @@ and converters for the architecture), so the model loads as transformers
 would load it.
 """
 
+import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -40,6 +41,7 @@ from mone_format import (
     expert_count,
     layer_index,
     read_novices,
+    stock_config,
 )
 from mone_transformers.dequantize import dequantize_tensors
 from mone_transformers.expert_packing import is_fused_experts, pack_experts
@@ -68,12 +70,12 @@ def from_pretrained(
             f"from_pretrained: {path} is not a checkpoint directory (no "
             f"config.json); pass the directory a pruned model was saved to"
         )
-    config = AutoConfig.from_pretrained(path)
+    config = _read_config(path)
     auto_class = model_class(config)
     text_config = config.get_text_config()
     novices = read_novices(config, expert_count(text_config))
     if not novices:
-        return auto_class.from_pretrained(path, dtype=dtype, **kwargs)
+        return auto_class.from_pretrained(path, config=config, dtype=dtype, **kwargs)
 
     tensors = _checkpoint_tensors(path)
     quantization = getattr(config, "quantization_config", None)
@@ -92,9 +94,7 @@ def from_pretrained(
     for name, experts in moe_layers:
         layer = layer_index(name)
         stored = novices.get(layer, LayerNovices({}))
-        per_expert = _logical_experts(
-            tensors, names, name, stored, experts.num_experts
-        )
+        per_expert = _logical_experts(tensors, names, name, stored, experts.num_experts)
         model.set_submodule(
             name, _load_layer(type(experts), text_config, layer, per_expert, stored)
         )
@@ -112,6 +112,16 @@ def from_pretrained(
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _read_config(path: Path) -> PretrainedConfig:
+    """The checkpoint's config; the MoNE authors' own model types
+    (``olmoe_compressed``, ...) as their stock family's."""
+    content = json.loads((path / "config.json").read_text())
+    stock = stock_config(content)
+    if stock is content:
+        return AutoConfig.from_pretrained(path)
+    return AutoConfig.for_model(**stock)
 
 
 def model_class(config: PretrainedConfig) -> type:
