@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import load_in_transformers
 import mone_modifier
 import novice_experts_check
+from authors_layout import authors_checkpoint
 from helpers import run_oneshot, run_quick, to_expert_substitution
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.tiny_moe import build_tiny_moe, group_quantizable
@@ -162,6 +163,15 @@ def checkpoints(tmp_path_factory, samples) -> dict:
     path = save(run_oneshot(source, samples, drop), source, root / "olmoe-drop")
     out["olmoe-drop"] = (path, greedy(AutoModelForCausalLM.from_pretrained(path)))
 
+    authors = root / "olmoe-authors"
+    authors_checkpoint(source, authors)
+    AutoTokenizer.from_pretrained(source).save_pretrained(authors)
+    out["olmoe-authors"] = (authors, greedy(mone_modifier.from_pretrained(authors)))
+    evolving = root / "olmoe-authors-evolving"
+    authors_checkpoint(source, evolving, approximate_expert_init_tokens={"0": [5, 5]})
+    AutoTokenizer.from_pretrained(source).save_pretrained(evolving)
+    out["olmoe-authors-evolving"] = (evolving, None)
+
     source = build_tiny_moe("olmoe", root / "olmoe-w4a16-source", **W4A16_OLMOE)
     path = root / "olmoe-w4a16"
     run_oneshot(source, samples, str(RECIPES / "mone_w4.yaml"), output_dir=str(path))
@@ -212,7 +222,11 @@ def stock(serving_python, checkpoints, tmp_path_factory) -> dict:
 def in_serving_transformers(serving_python, checkpoints, tmp_path_factory) -> dict:
     """Every checkpoint loaded by ``mone_transformers`` in the
     serving environment, under each experts implementation."""
-    names = [n for n in checkpoints if n != "olmoe-stock-names"]
+    names = [
+        n
+        for n in checkpoints
+        if n not in ("olmoe-stock-names", "olmoe-authors-evolving")
+    ]
     served = {
         f"{name}@{implementation}": {
             **job,
@@ -256,6 +270,14 @@ def test_novice_term_is_measured(family, checkpoints):
         abs(a - b) for a, b in zip(zeroed["logprobs"], reference["logprobs"])
     )
     assert zeroed["tokens"] != reference["tokens"] or difference > 100 * LOGPROB_ATOL
+
+
+def test_authors_checkpoint_serves_like_transformers(checkpoints, with_plugin):
+    """A checkpoint in the MoNE authors' layout (``olmoe_compressed``, stock
+    architecture name) is served by the plugin's MoNE model, as
+    ``from_pretrained`` generates; a variant it cannot hold is refused."""
+    assert_matches(with_plugin["olmoe-authors"], checkpoints["olmoe-authors"][1])
+    assert "novice evolving" in with_plugin["olmoe-authors-evolving"]["error"]
 
 
 def test_drop_checkpoint_serves_in_stock_vllm(checkpoints, stock):
@@ -360,7 +382,8 @@ def test_openai_server(serving_python, checkpoints, with_plugin):
 
 def serving_table(checkpoints: dict) -> str:
     """The README's table of what ``test_plugin_serves_like_transformers``
-    checks, with each family's architecture name read off its checkpoint."""
+    and ``test_authors_checkpoint_serves_like_transformers`` check, with each
+    architecture name read off its checkpoint."""
     rows = [
         "| family | `architectures` in the checkpoint | "
         + " | ".join(f"`{layout}`" for layout in LAYOUTS)
@@ -372,6 +395,12 @@ def serving_table(checkpoints: dict) -> str:
         (architecture,) = json.loads(path.read_text())["architectures"]
         cells = " | ".join("same tokens and log-probs" for _ in LAYOUTS)
         rows.append(f"| {family} | `{architecture}` | {cells} |")
+    authors = json.loads((checkpoints["olmoe-authors"][0] / "config.json").read_text())
+    (architecture,) = authors["architectures"]
+    rows.append(
+        f"| olmoe, the MoNE authors' `{authors['model_type']}` | `{architecture}` "
+        "| same tokens and log-probs | (their code writes one layout) |"
+    )
     return "\n".join(rows)
 
 
@@ -405,6 +434,7 @@ def test_serving_benchmark_quick(serving_python, tmp_path):
         *(f"{f}-{layout}" for f in FAMILIES for layout in [*LAYOUTS, "zero"]),
         "olmoe-drop",
         "olmoe-w4a16",
+        "olmoe-authors",
     ],
 )
 def test_loader_under_the_serving_transformers(
