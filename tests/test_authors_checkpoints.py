@@ -5,6 +5,8 @@ optional renormalisation) and adds ``weight * approx_value`` for a token
 routed to a novice; the test computes that forward independently.
 """
 
+import itertools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -15,46 +17,40 @@ from mone_format import stock_config
 from mone_modifier.tiny_moe import build_tiny_moe
 
 
-def authors_moe_forward(block, layer: int, vectors: dict):
-    """The authors' ``OlmoeSparseMoeBlock.forward``, expert by expert, on a
-    stock block holding the unpruned weights."""
-    experts, router = block.experts, block.gate
+def novice_experts_forward(experts, layer: int, vectors: dict):
+    """Route by route, as the authors' MoE blocks add them: ``weight *
+    approx_value`` for a novice, ``weight * down(act(gate x) * up x)`` for
+    an expert (the stock fused module holds every expert's weights). Stock
+    routing is theirs: they keep the family's router."""
 
-    def forward(hidden_states):
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        probs = torch.softmax(x @ router.weight.T, dim=-1, dtype=torch.float)
-        weights, chosen = torch.topk(probs, router.top_k, dim=-1)
-        if router.norm_topk_prob:
-            weights /= weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        for expert in range(experts.num_experts):
-            token, slot = torch.where(chosen == expert)
+    def forward(hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for token, slot in itertools.product(*map(range, top_k_index.shape)):
+            expert, weight = int(top_k_index[token, slot]), top_k_weights[token, slot]
             if (layer, expert) in vectors:
-                y = vectors[layer, expert].to(x.dtype).expand(len(token), -1)
-            else:
-                gate, up = experts.gate_up_proj[expert].chunk(2, dim=0)
-                h = x[token]
-                y = (experts.act_fn(h @ gate.T) * (h @ up.T)) @ experts.down_proj[
-                    expert
-                ].T
-            out.index_add_(0, token, y * weights[token, slot, None])
-        return out.reshape(shape)
+                out[token] += weight * vectors[layer, expert].to(hidden.dtype)
+                continue
+            gate, up = (experts.gate_up_proj[expert] @ hidden[token]).chunk(2)
+            out[token] += weight * (
+                experts.down_proj[expert] @ (experts.act_fn(gate) * up)
+            )
+        return out
 
     return forward
 
 
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v2", "deepseek_v3"])
 @torch.no_grad()
-def test_loads_as_the_authors_forward_computes(tmp_path, samples):
-    source = build_tiny_moe("olmoe", tmp_path / "source")
+def test_loads_as_the_authors_forward_computes(family, tmp_path, samples):
+    source = build_tiny_moe(family, tmp_path / "source")
     vectors = authors_checkpoint(source, tmp_path / "authors")
     loaded = mone_modifier.from_pretrained(tmp_path / "authors")
-    assert loaded.config.model_type == "olmoe"
+    assert loaded.config.model_type == family
 
     expected = AutoModelForCausalLM.from_pretrained(source).eval()
-    for index, layer in enumerate(expected.model.layers):
-        layer.mlp.forward = authors_moe_forward(layer.mlp, index, vectors)
+    for index in {layer for layer, _ in vectors}:
+        experts = expected.model.layers[index].mlp.experts
+        experts.forward = novice_experts_forward(experts, index, vectors)
     torch.testing.assert_close(
         loaded(input_ids=samples).logits,
         expected(input_ids=samples).logits,
