@@ -64,6 +64,7 @@ SERVABLE = {
 FAMILIES = list(SERVABLE)
 W4A16_OLMOE = {**group_quantizable("olmoe"), **SERVABLE["olmoe"]}
 EXPERTS_IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
+AUTHORS_FAMILIES = ["olmoe", "deepseek_v2", "deepseek_v3"]
 LAYOUTS = ["approximate_experts", "expert_substitution"]
 
 
@@ -163,10 +164,12 @@ def checkpoints(tmp_path_factory, samples) -> dict:
     path = save(run_oneshot(source, samples, drop), source, root / "olmoe-drop")
     out["olmoe-drop"] = (path, greedy(AutoModelForCausalLM.from_pretrained(path)))
 
-    authors = root / "olmoe-authors"
-    authors_checkpoint(source, authors)
-    AutoTokenizer.from_pretrained(source).save_pretrained(authors)
-    out["olmoe-authors"] = (authors, greedy(mone_modifier.from_pretrained(authors)))
+    for family in AUTHORS_FAMILIES:
+        authors = root / f"{family}-authors"
+        authors_checkpoint(root / f"{family}-source", authors)
+        AutoTokenizer.from_pretrained(source).save_pretrained(authors)
+        reference = greedy(mone_modifier.from_pretrained(authors))
+        out[f"{family}-authors"] = (authors, reference)
     evolving = root / "olmoe-authors-evolving"
     authors_checkpoint(source, evolving, approximate_expert_init_tokens={"0": [5, 5]})
     AutoTokenizer.from_pretrained(source).save_pretrained(evolving)
@@ -272,11 +275,16 @@ def test_novice_term_is_measured(family, checkpoints):
     assert zeroed["tokens"] != reference["tokens"] or difference > 100 * LOGPROB_ATOL
 
 
-def test_authors_checkpoint_serves_like_transformers(checkpoints, with_plugin):
-    """A checkpoint in the MoNE authors' layout (``olmoe_compressed``, stock
-    architecture name) is served by the plugin's MoNE model, as
-    ``from_pretrained`` generates; a variant it cannot hold is refused."""
-    assert_matches(with_plugin["olmoe-authors"], checkpoints["olmoe-authors"][1])
+@pytest.mark.parametrize("family", AUTHORS_FAMILIES)
+def test_authors_checkpoint_serves_like_transformers(family, checkpoints, with_plugin):
+    """A checkpoint in the MoNE authors' layout (``<family>_compressed``,
+    stock architecture name) is served by the plugin's MoNE model, as
+    ``from_pretrained`` generates."""
+    name = f"{family}-authors"
+    assert_matches(with_plugin[name], checkpoints[name][1])
+
+
+def test_authors_variant_the_model_cannot_hold_is_refused(with_plugin):
     assert "novice evolving" in with_plugin["olmoe-authors-evolving"]["error"]
 
 
@@ -395,12 +403,15 @@ def serving_table(checkpoints: dict) -> str:
         (architecture,) = json.loads(path.read_text())["architectures"]
         cells = " | ".join("same tokens and log-probs" for _ in LAYOUTS)
         rows.append(f"| {family} | `{architecture}` | {cells} |")
-    authors = json.loads((checkpoints["olmoe-authors"][0] / "config.json").read_text())
-    (architecture,) = authors["architectures"]
-    rows.append(
-        f"| olmoe, the MoNE authors' `{authors['model_type']}` | `{architecture}` "
-        "| same tokens and log-probs | (their code writes one layout) |"
-    )
+    for family in AUTHORS_FAMILIES:
+        path = checkpoints[f"{family}-authors"][0] / "config.json"
+        authors = json.loads(path.read_text())
+        (architecture,) = authors["architectures"]
+        rows.append(
+            f"| {family}, the MoNE authors' `{authors['model_type']}` | "
+            f"`{architecture}` | same tokens and log-probs | "
+            "(their code writes one layout) |"
+        )
     return "\n".join(rows)
 
 
@@ -434,7 +445,7 @@ def test_serving_benchmark_quick(serving_python, tmp_path):
         *(f"{f}-{layout}" for f in FAMILIES for layout in [*LAYOUTS, "zero"]),
         "olmoe-drop",
         "olmoe-w4a16",
-        "olmoe-authors",
+        *(f"{family}-authors" for family in AUTHORS_FAMILIES),
     ],
 )
 def test_loader_under_the_serving_transformers(

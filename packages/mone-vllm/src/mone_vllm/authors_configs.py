@@ -30,6 +30,9 @@ def _authors_config_class(
         del stock["model_type"]
         stock_cls.__init__(self, **stock)
         self.architectures = [mone_architecture(a) for a in self.architectures or []]
+        # vLLM reads the family off the instance (DeepSeek's MLA, for one);
+        # the class keeps the authors' type, which AutoConfig is keyed by
+        self.model_type = stock_cls.model_type
 
     return type(
         f"MoNE{stock_cls.__name__}",
