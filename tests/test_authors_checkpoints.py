@@ -6,14 +6,18 @@ routed to a novice; the test computes that forward independently.
 """
 
 import itertools
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import mone_modifier
 from authors_layout import authors_checkpoint
+from helpers import run_oneshot
 from mone_format import stock_config
+from mone_modifier import MoNEPruningModifier
 from mone_modifier.tiny_moe import build_tiny_moe
 
 
@@ -96,3 +100,50 @@ def test_uniform_widths_map_to_the_stock_config():
     }
     with pytest.raises(ValueError, match="shared_intermediate_sizes of layer 1"):
         stock_config({**config, "shared_intermediate_sizes": {"1": 48}})
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
+@torch.no_grad()
+def test_pruned_here_saves_for_both_readers(family, tiny_moe, samples, tmp_path):
+    """``authors_layout`` writes the config the authors' code reads; their
+    forward computed from the saved novices, and ``from_pretrained``, both
+    give the pruned model's logits."""
+    source = tiny_moe(family)
+    recipe = MoNEPruningModifier(sparsity=0.25, authors_layout=True)
+    model = run_oneshot(source, samples, recipe)
+    in_memory = model(input_ids=samples).logits
+    model.save_pretrained(tmp_path / "out")
+
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    source_config = json.loads((source / "config.json").read_text())
+    assert config["model_type"] == f"{family}_compressed"
+    assert config["architectures"] == source_config["architectures"]
+    novices = {int(k): v for k, v in config["approximate_experts"].items()}
+    assert config["approximate_expert_init_tokens"] == {
+        str(k): [0] * len(v) for k, v in novices.items()
+    }
+    assert config["routed_intermediate_sizes"] is None
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    vectors = {
+        (layer, e): tensors[f"model.layers.{layer}.mlp.experts.{e}.approx_value"]
+        for layer, ids in novices.items()
+        for e in ids
+    }
+    assert not any(
+        f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight" in tensors
+        for layer, e in vectors
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(source).eval()
+    for index in novices:
+        experts = theirs.model.layers[index].mlp.experts
+        experts.forward = novice_experts_forward(experts, index, vectors)
+    tolerance = dict(rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs(input_ids=samples).logits, in_memory, **tolerance)
+    ours = mone_modifier.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(ours(input_ids=samples).logits, in_memory, **tolerance)
+
+
+def test_authors_layout_is_refused_for_other_families(tiny_moe, samples):
+    recipe = MoNEPruningModifier(sparsity=0.25, authors_layout=True)
+    with pytest.raises(ValueError, match="no model type for 'qwen3_moe'"):
+        run_oneshot(tiny_moe("qwen3_moe"), samples, recipe)

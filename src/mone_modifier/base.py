@@ -60,6 +60,7 @@ from mone_modifier.statistics_file import (
     save_statistics,
 )
 from mone_modifier.validation import (
+    check_authors_family,
     check_calibration_tokens,
     check_family_supported,
     check_not_pruned,
@@ -118,6 +119,11 @@ class MoNEPruningModifier(Modifier):
         ``MoNEOlmoeForCausalLM``, which only the mone-vllm plugin serves, so
         a stock vLLM refuses the checkpoint instead of serving its missing
         experts as uninitialised memory
+    :param authors_layout: a saved checkpoint with novices is written as the
+        MoNE authors' code (github zxgx/mode-pd) writes it, so their code
+        loads it: ``model_type`` ``<family>_compressed``, zero
+        ``approximate_expert_init_tokens``, the stock ``architectures``
+        (OLMoE, DeepSeek-V2 and DeepSeek-V3, with novices)
 
     Example recipe::
 
@@ -137,6 +143,7 @@ class MoNEPruningModifier(Modifier):
     report_path: Optional[str] = None
     seed: int = 0
     stock_architectures: bool = False
+    authors_layout: bool = False
     save_statistics_path: Optional[str] = None
     statistics_path: Optional[str | list[str]] = None
 
@@ -167,6 +174,7 @@ class MoNEPruningModifier(Modifier):
                         f"MoNEPruningModifier has no parameter {key!r}.{hint} "
                         f"Its parameters: sparsity, scoring, scope, novice, "
                         f"ignore, report_path, seed, stock_architectures, "
+                        f"authors_layout, "
                         f"save_statistics_path, statistics_path."
                     )
         return data
@@ -206,6 +214,15 @@ class MoNEPruningModifier(Modifier):
         return self
 
     @model_validator(mode="after")
+    def _check_authors_layout(self) -> "MoNEPruningModifier":
+        if self.authors_layout and self.novice == "drop":
+            raise ValueError(
+                "authors_layout writes a checkpoint with novices; novice: drop "
+                "writes a stock checkpoint, which needs no layout option"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_drop_scope(self) -> "MoNEPruningModifier":
         if self.novice == "drop" and self.scope == "model":
             raise ValueError(
@@ -231,6 +248,8 @@ class MoNEPruningModifier(Modifier):
             check_rank_data(state.data.calib)
         check_not_pruned(state.model)
         check_family_supported(state.model, self.novice)
+        if self.authors_layout:
+            check_authors_family(state.model)
         self._moe = find_moe_layers(state.model, self.ignore)
         attrs = self._moe.attrs
         self._identity = self._model_identity(state.model)
@@ -324,7 +343,10 @@ class MoNEPruningModifier(Modifier):
             )
             logger.info(f"MoNE: config {', '.join(changed)} -> {dropped_to}")
         install_checkpoint_writer(
-            state.model, dropped_to, stock_architectures=self.stock_architectures
+            state.model,
+            dropped_to,
+            stock_architectures=self.stock_architectures,
+            authors_layout=self.authors_layout,
         )
         if self.report_path is not None and is_source_process():
             write_report(self.report_path, self.report())

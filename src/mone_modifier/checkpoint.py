@@ -63,13 +63,18 @@ WEIGHT_FILE_SUFFIXES = (
 
 
 def install_checkpoint_writer(
-    model: torch.nn.Module, dropped_to: int | None, stock_architectures: bool = False
+    model: torch.nn.Module,
+    dropped_to: int | None,
+    stock_architectures: bool = False,
+    authors_layout: bool = False,
 ):
     """
     :param model: the pruned model
     :param dropped_to: experts per layer after ``novice: drop``, else None
     :param stock_architectures: keep the model's own ``architectures`` names
         in a checkpoint with novices
+    :param authors_layout: write the config the MoNE authors' code reads
+        (``write_novices``)
     """
     save = model.save_pretrained
     if getattr(save, "_mone_writer", False):
@@ -96,7 +101,10 @@ def install_checkpoint_writer(
             save(staging, *args, **kwargs)
             if dropped_to is None:
                 write_novices(
-                    staging, recorded_novices(model.config), stock_architectures
+                    staging,
+                    recorded_novices(model.config),
+                    stock_architectures,
+                    authors_layout,
                 )
             else:
                 write_expert_count(staging, dropped_to)
@@ -130,11 +138,26 @@ def _config_in(directory: Path) -> tuple[Path, dict, dict]:
 
 
 def write_novices(
-    directory: Path, novices: dict[int, list[int]], stock_architectures: bool
+    directory: Path,
+    novices: dict[int, list[int]],
+    stock_architectures: bool,
+    authors_layout: bool = False,
 ):
+    """
+    Record ``novices`` in a saved ``config.json``. With ``authors_layout``,
+    as the MoNE authors' code (github zxgx/mode-pd) writes it: their model
+    type (``olmoe_compressed``), zero ``approximate_expert_init_tokens`` (no
+    novice evolving), no per-expert widths, the stock ``architectures``.
+    """
     path, config, text = _config_in(directory)
     text[NOVICES_CONFIG_KEY] = {str(k): v for k, v in sorted(novices.items())}
-    if novices and not stock_architectures:
+    if authors_layout:
+        text["model_type"] += "_compressed"
+        text["approximate_expert_init_tokens"] = {
+            str(k): [0] * len(v) for k, v in sorted(novices.items())
+        }
+        text.update(routed_intermediate_sizes=None, flap_intermediate_sizes=None)
+    elif novices and not stock_architectures:
         config["architectures"] = [
             mone_architecture(name) for name in config.get("architectures", [])
         ]

@@ -19,11 +19,17 @@ from torch import distributed as dist
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
 
-from mone_format import expert_count, read_novices, recorded_novices
+from mone_format import (
+    AUTHORS_MODEL_TYPES,
+    expert_count,
+    read_novices,
+    recorded_novices,
+)
 from mone_modifier.novice import NoviceExpert
 from mone_transformers.pruned_experts import NoviceMoEExperts
 
 __all__ = [
+    "check_authors_family",
     "check_calibration_tokens",
     "check_family_supported",
     "check_not_pruned",
@@ -77,6 +83,18 @@ def check_family_supported(model: torch.nn.Module, novice: str):
                 f"MoNEPruningModifier cannot give {config.model_type} models "
                 f"novices: {_NOVICES_UNREADABLE[model_type]}."
             )
+
+
+def check_authors_family(model: torch.nn.Module):
+    """``authors_layout`` names the MoNE authors' model types, which exist
+    for three families only."""
+    model_type = model.config.model_type
+    if model_type not in AUTHORS_MODEL_TYPES.values():
+        raise ValueError(
+            f"authors_layout: the MoNE authors' code has no model type for "
+            f"{model_type!r} (it has {', '.join(AUTHORS_MODEL_TYPES)}); save "
+            f"this model in this package's layout (authors_layout: false)"
+        )
 
 
 def check_not_pruned(model: torch.nn.Module):
