@@ -12,12 +12,12 @@ JOBS.json maps a job name to ``{"path", "prompt" (token ids), "max_tokens",
 "logprobs", "transformers"}`` or ``{"error"}``.
 """
 
-import json
 import sys
 
 import torch
 import transformers
 
+from job_files import run_jobs
 from mone_transformers import from_pretrained
 
 
@@ -42,19 +42,5 @@ def generate(job: dict) -> dict:
     return {**result, "transformers": transformers.__version__}
 
 
-def main(jobs_path: str, results_path: str):
-    with open(jobs_path) as f:
-        jobs = json.load(f)
-    results = {}
-    for name, job in jobs.items():
-        try:
-            results[name] = generate(job)
-        except Exception as error:  # the test reports it
-            results[name] = {"error": f"{type(error).__name__}: {error}"}
-        print(f"{name}: {str(results[name])[:200]}", flush=True)
-    with open(results_path, "w") as f:
-        json.dump(results, f)
-
-
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_jobs(*sys.argv[1:], generate)

@@ -11,13 +11,14 @@ RESULTS.json maps it to ``{"tokens", "logprobs", "text"}`` or ``{"error"}``.
 """
 
 import gc
-import json
 import os
 import sys
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # engine and worker in this process: a model starts in seconds, not 30
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from job_files import run_jobs  # noqa: E402
 
 
 def generate(path: str, prompt: list[int], max_tokens: int, engine: dict) -> dict:
@@ -46,21 +47,11 @@ def generate(path: str, prompt: list[int], max_tokens: int, engine: dict) -> dic
         gc.collect()
 
 
-def main(jobs_path: str, results_path: str):
-    with open(jobs_path) as f:
-        jobs = json.load(f)
-    results = {}
-    for name, job in jobs.items():
-        try:
-            results[name] = generate(
-                job["path"], job["prompt"], job["max_tokens"], job.get("engine", {})
-            )
-        except Exception as error:  # the test reads the refusal
-            results[name] = {"error": f"{type(error).__name__}: {error}"}
-        print(f"{name}: {str(results[name])[:200]}", flush=True)
-    with open(results_path, "w") as f:
-        json.dump(results, f)
+def run(job: dict) -> dict:
+    return generate(
+        job["path"], job["prompt"], job["max_tokens"], job.get("engine", {})
+    )
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_jobs(*sys.argv[1:], run)

@@ -162,10 +162,10 @@ def test_command_line(calibrated, samples, tmp_path):
     assert (tmp_path / "report.png").is_file()
 
 
-def assert_refused(tmp_path, pattern, *args, **settings):
+def assert_refused(tmp_path, pattern, source, statistics, sparsity, **settings):
     out = tmp_path / "refused" / "out"
     with pytest.raises(ValueError, match=pattern):
-        prune_checkpoint(*args[:1], out, *args[1:], **settings)
+        prune_checkpoint(source, out, statistics, sparsity, **settings)
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 

@@ -20,7 +20,7 @@ from devices import assert_close
 from helpers import run_oneshot, tree_digest
 from mone_modifier import MoNEPruningModifier, statistics_file
 from mone_modifier.statistics_file import load_statistics
-from mone_modifier.tiny_moe import build_tiny_moe
+from mone_modifier.tiny_moe import FAMILIES, build_tiny_moe
 
 
 def prune_from(source, statistics, **settings):
@@ -59,17 +59,6 @@ def saved(tmp_path_factory, tiny_moe, samples):
         return cache[family]
 
     return get
-
-
-FAMILIES = [
-    "olmoe",
-    "qwen3_moe",
-    "qwen2_moe",
-    "mixtral",
-    "deepseek_v2",
-    "deepseek_v3",
-    "gpt_oss",
-]
 
 
 @pytest.mark.parametrize("scope", ["layer", "model"])

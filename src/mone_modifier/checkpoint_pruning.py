@@ -188,9 +188,10 @@ def _decide(
         _config_value(text, TOP_K_GROUP_CONFIG_KEYS),
         drop=False,
     )
-    stats = {layer_index(name): saved.layers[name] for name in names}
-    for name in names:
-        check_rankable(name, layer_index(name), saved.layers[name])
+    layers = {layer_index(name): name for name in names}
+    stats = {index: saved.layers[name] for index, name in layers.items()}
+    for index, name in layers.items():
+        check_rankable(name, index, stats[index])
     scores = {
         index: expert_scores(s, settings.scoring, settings.seed, index)
         for index, s in stats.items()
@@ -207,7 +208,7 @@ def _decide(
     }
     decisions = [
         layer_decision(name, index, stats[index], scores[index], novices[index])
-        for name, index in zip(names, stats)
+        for index, name in layers.items()
     ]
     report = build_report(
         report_settings(
