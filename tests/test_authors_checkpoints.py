@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import mone_modifier
 from authors_layout import authors_checkpoint
+from devices import assert_close
 from helpers import run_oneshot
 from mone_format import stock_config
 from mone_modifier import MoNEPruningModifier
@@ -137,10 +138,9 @@ def test_pruned_here_saves_for_both_readers(family, tiny_moe, samples, tmp_path)
     for index in novices:
         experts = theirs.model.layers[index].mlp.experts
         experts.forward = novice_experts_forward(experts, index, vectors)
-    tolerance = dict(rtol=0, atol=1e-5)
-    torch.testing.assert_close(theirs(input_ids=samples).logits, in_memory, **tolerance)
+    assert_close(theirs(input_ids=samples).logits, in_memory, rtol=0, atol=1e-5)
     ours = mone_modifier.from_pretrained(tmp_path / "out")
-    torch.testing.assert_close(ours(input_ids=samples).logits, in_memory, **tolerance)
+    assert_close(ours(input_ids=samples).logits, in_memory, rtol=0, atol=1e-5)
 
 
 def test_authors_layout_is_refused_for_other_families(tiny_moe, samples):
