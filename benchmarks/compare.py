@@ -135,6 +135,20 @@ class Plan:
 FULL = Plan(
     METHODS, SPARSITIES, 64, 500, (16, 64, 256), ROBUSTNESS_METHODS, True, 64, 120
 )
+# each criterion once (one random seed, no weighted-mean novices) and
+# robustness at one calibration size: the full plan's length on a model whose
+# every oneshot costs several times more (olmoe64, 64 experts)
+CORE = Plan(
+    ("mone", "frequency", "variance", "reap", "mone_zero", "mone_drop", "random_0"),
+    SPARSITIES,
+    64,
+    500,
+    (64,),
+    ROBUSTNESS_METHODS,
+    True,
+    64,
+    120,
+)
 QUICK = Plan(
     ("mone", "frequency", "reap"),
     (0.25,),
@@ -631,6 +645,12 @@ def main(argv=None):
     )
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", help="only these models")
+    parser.add_argument(
+        "--plan",
+        choices=["full", "core"],
+        default="full",
+        help="core: each criterion once, robustness at one calibration size",
+    )
     args = parser.parse_args(argv)
     if args.oneshot_cost:
         model, method = args.oneshot_cost
@@ -640,7 +660,10 @@ def main(argv=None):
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     start = time.time()
-    plan, setup = (QUICK, quick_setup()) if args.quick else (FULL, full_setup())
+    plans = {"full": FULL, "core": CORE}
+    plan, setup = (
+        (QUICK, quick_setup()) if args.quick else (plans[args.plan], full_setup())
+    )
     setup = select(setup, args.models)
     suffix = "_quick" if args.quick else ""
     report_suffix = suffix + models_suffix(args.models)
@@ -701,6 +724,8 @@ def main(argv=None):
     command = "python benchmarks/compare.py" + (" --quick" if args.quick else "")
     if args.models:
         command += " --models " + " ".join(args.models)
+    if args.plan != "full":
+        command += f" --plan {args.plan}"
     write_report(results, args.out / f"RESULTS{report_suffix}.md", suffix, command)
     print((args.out / f"RESULTS{report_suffix}.md").read_text())
 
