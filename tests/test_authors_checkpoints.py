@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import mone_modifier
-from authors_layout import authors_checkpoint
+from authors_layout import SOURCE_OVERRIDES, authors_checkpoint
 from devices import assert_close
 from helpers import run_oneshot
 from mone_format import stock_config
@@ -44,10 +44,10 @@ def novice_experts_forward(experts, layer: int, vectors: dict):
     return forward
 
 
-@pytest.mark.parametrize("family", ["olmoe", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("family", SOURCE_OVERRIDES)
 @torch.no_grad()
 def test_loads_as_the_authors_forward_computes(family, tmp_path, samples):
-    source = build_tiny_moe(family, tmp_path / "source")
+    source = build_tiny_moe(family, tmp_path / "source", **SOURCE_OVERRIDES[family])
     vectors = authors_checkpoint(source, tmp_path / "authors")
     loaded = mone_modifier.from_pretrained(tmp_path / "authors")
     assert loaded.config.model_type == family
@@ -75,8 +75,9 @@ def test_loads_as_the_authors_forward_computes(family, tmp_path, samples):
         ),
         (dict(num_experts={"0": 6, "1": 8}), "num_experts differs per layer"),
         (dict(approximate_expert_init_tokens={"0": [5, 0]}), "novice evolving"),
+        (dict(mod_type="integrated"), "mod_type"),
     ],
-    ids=["unknown-type", "widths", "flap", "dropped-experts", "evolving"],
+    ids=["unknown-type", "widths", "flap", "dropped-experts", "evolving", "depths"],
 )
 def test_variants_the_stock_model_cannot_hold_are_refused(fields, pattern, tmp_path):
     source = build_tiny_moe("olmoe", tmp_path / "source")
@@ -92,6 +93,8 @@ def test_uniform_widths_map_to_the_stock_config():
         "n_shared_experts": 2,
         "routed_intermediate_sizes": {"1": [32, 32]},
         "shared_intermediate_sizes": {"1": 64},
+        "mod_type": None,
+        "staged_mod_topk": 2048,
         "auto_map": {"AutoConfig": "x"},
     }
     assert stock_config(config) == {

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import load_in_transformers
 import mone_modifier
 import novice_experts_check
-from authors_layout import authors_checkpoint
+from authors_layout import SOURCE_OVERRIDES, authors_checkpoint
 from helpers import run_oneshot, run_quick, to_expert_substitution
 from mone_modifier import MoNEPruningModifier
 from mone_modifier.tiny_moe import build_tiny_moe, group_quantizable
@@ -64,7 +64,7 @@ SERVABLE = {
 FAMILIES = list(SERVABLE)
 W4A16_OLMOE = {**group_quantizable("olmoe"), **SERVABLE["olmoe"]}
 EXPERTS_IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
-AUTHORS_FAMILIES = ["olmoe", "deepseek_v2", "deepseek_v3"]
+AUTHORS_FAMILIES = list(SOURCE_OVERRIDES)
 LAYOUTS = ["approximate_experts", "expert_substitution"]
 
 
@@ -165,12 +165,19 @@ def checkpoints(tmp_path_factory, samples) -> dict:
     out["olmoe-drop"] = (path, greedy(AutoModelForCausalLM.from_pretrained(path)))
 
     for family in AUTHORS_FAMILIES:
+        # DeepSeek's yarn rope: its attention scaling reaches vLLM only
+        # through the remote code's rope_scaling
+        overrides = {**SERVABLE[family], **SOURCE_OVERRIDES[family]}
+        source = build_tiny_moe(family, root / f"{family}-authors-source", **overrides)
+        if family.startswith("deepseek"):
+            without_rotary_queries(source)
         authors = root / f"{family}-authors"
-        authors_checkpoint(root / f"{family}-source", authors)
+        authors_checkpoint(source, authors)
         AutoTokenizer.from_pretrained(source).save_pretrained(authors)
         reference = greedy(mone_modifier.from_pretrained(authors))
         out[f"{family}-authors"] = (authors, reference)
     evolving = root / "olmoe-authors-evolving"
+    source = root / "olmoe-authors-source"
     authors_checkpoint(source, evolving, approximate_expert_init_tokens={"0": [5, 5]})
     AutoTokenizer.from_pretrained(source).save_pretrained(evolving)
     out["olmoe-authors-evolving"] = (evolving, None)

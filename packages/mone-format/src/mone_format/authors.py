@@ -16,6 +16,8 @@ AUTHORS_MODEL_TYPES = {
     "deepseek_v2_compressed": "deepseek_v2",
     "deepseek_v3_compressed": "deepseek_v3",
 }
+# fields of the authors' other methods, refused above unless they are off
+_OTHER_METHODS = ("flap_intermediate_sizes", "mod_type", "staged_mod_topk")
 # per-layer widths left by the authors' width pruning, and the width each
 # must equal for the stock model to hold the experts
 _WIDTHS = {
@@ -48,6 +50,12 @@ def stock_config(config: dict) -> dict:
             "expert biases) is set; only checkpoints whose experts keep the "
             "family's width are read"
         )
+    if config.get("mod_type"):
+        raise ValueError(
+            f"config.json: mod_type is {config['mod_type']!r} (the authors' "
+            "mixture-of-depths routing, with a skip router); only checkpoints "
+            "with mod_type null are read"
+        )
     for key, widths in _WIDTHS.items():
         _check_uniform(config, key, widths)
     for key in ("num_experts", "n_routed_experts"):
@@ -66,7 +74,7 @@ def stock_config(config: dict) -> dict:
             "in the authors' code such novices keep changing their vectors at "
             "inference (novice evolving), which a fixed novice cannot reproduce"
         )
-    dropped = {"auto_map", "model_type", *_WIDTHS, "flap_intermediate_sizes"}
+    dropped = {"auto_map", "model_type", *_WIDTHS, *_OTHER_METHODS}
     return {"model_type": stock} | {k: v for k, v in config.items() if k not in dropped}
 
 
