@@ -93,9 +93,7 @@ SOURCE_OVERRIDES = {
 # the DeepSeek remote code's fields that transformers 5's config lacks, at
 # the values of DeepSeek-V2-Lite's and Moonlight's hub configs
 DEEPSEEK_REMOTE_FIELDS = {
-    "deepseek_v2": dict(
-        scoring_func="softmax", mod_type=None, staged_mod_topk=2048
-    ),
+    "deepseek_v2": dict(scoring_func="softmax", mod_type=None, staged_mod_topk=2048),
     "deepseek_v3": dict(scoring_func="sigmoid", topk_method="noaux_tc"),
 }
 TRANSFORMERS_5_DERIVED = ("head_dim", "qk_head_dim", "mlp_bias", "rope_interleave")

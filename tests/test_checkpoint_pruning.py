@@ -67,8 +67,11 @@ def via_oneshot(source, statistics, out, **settings):
 def assert_same_checkpoint(path, expected, samples):
     config = json.loads((path / "config.json").read_text())
     expected_config = json.loads((expected / "config.json").read_text())
-    assert config["approximate_experts"] == expected_config["approximate_experts"]
-    assert config["architectures"] == expected_config["architectures"]
+    for key in ("approximate_experts", "architectures", "model_type"):
+        assert config[key] == expected_config[key], key
+    assert config.get("approximate_expert_init_tokens") == expected_config.get(
+        "approximate_expert_init_tokens"
+    )
     got, want = tensors(path), tensors(expected)
     assert sorted(got) == sorted(want)
     for key, tensor in want.items():
@@ -102,8 +105,9 @@ def test_prunes_as_oneshot_from_the_same_statistics(
     [
         dict(sparsity=0.5, scope="model", novice="weighted_mean"),
         dict(sparsity=0.375, scoring="reap", novice="zero"),
+        dict(sparsity=0.25, authors_layout=True),
     ],
-    ids=["50%-model-scope-weighted-mean", "reap-zero"],
+    ids=["50%-model-scope-weighted-mean", "reap-zero", "authors-layout"],
 )
 def test_other_settings_from_the_same_statistics(
     settings, calibrated, samples, tmp_path
@@ -139,7 +143,8 @@ def test_command_line(calibrated, samples, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mone_modifier.checkpoint_pruning", str(source)]
         + [str(out), "--statistics", str(statistics), "--sparsity", "0.5"]
-        + ["--scope", "model", "--report", str(tmp_path / "report.json")],
+        + ["--scope", "model", "--report", str(tmp_path / "report.json")]
+        + ["--authors-layout"],
         capture_output=True,
         text=True,
         check=True,
@@ -151,7 +156,11 @@ def test_command_line(calibrated, samples, tmp_path):
         tmp_path / "expected",
         sparsity=0.5,
         scope="model",
+        authors_layout=True,
         report_path=str(tmp_path / "expected.json"),
+    )
+    assert json.loads((out / "config.json").read_text())["model_type"] == (
+        "olmoe_compressed"
     )
     assert_same_checkpoint(out, expected, samples)
     assert (
@@ -187,8 +196,16 @@ def test_other_expert_layouts_are_refused(family, pattern, tiny_moe, samples, tm
 
 def test_bad_requests_are_refused(calibrated, tmp_path):
     source, statistics = calibrated("olmoe")
-    other_source, _ = calibrated("qwen3_moe")
+    other_source, other_statistics = calibrated("qwen3_moe")
     assert_refused(tmp_path, "describe another model", other_source, statistics, 0.25)
+    assert_refused(
+        tmp_path,
+        "authors_layout: the MoNE authors' code has no model type for 'qwen3_moe'",
+        other_source,
+        other_statistics,
+        0.25,
+        authors_layout=True,
+    )
     assert_refused(tmp_path, "novice: drop", source, statistics, 0.25, novice="drop")
     assert_refused(tmp_path, "sparsity", source, statistics, 1.5)
     with pytest.raises(ValueError, match="is the source checkpoint"):

@@ -249,7 +249,7 @@ class MoNEPruningModifier(Modifier):
         check_not_pruned(state.model)
         check_family_supported(state.model, self.novice)
         if self.authors_layout:
-            check_authors_family(state.model)
+            check_authors_family(state.model.config)
         self._moe = find_moe_layers(state.model, self.ignore)
         attrs = self._moe.attrs
         self._identity = self._model_identity(state.model)

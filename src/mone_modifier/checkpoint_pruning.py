@@ -2,7 +2,8 @@
 Pruning a saved checkpoint from saved statistics, without loading the model:
 
     python -m mone_modifier.checkpoint_pruning SOURCE OUTPUT \\
-        --statistics stats.safetensors --sparsity 0.25 [--scope model ...]
+        --statistics stats.safetensors --sparsity 0.25 [--scope model] \\
+        [--authors-layout ...]
 
 The experts are chosen exactly as ``MoNEPruningModifier(statistics_path=...)``
 chooses them (same settings, same checks). The checkpoint is then copied
@@ -66,6 +67,7 @@ from mone_modifier.statistics_file import (
     identity_config,
     load_statistics,
 )
+from mone_modifier.validation import check_authors_family
 from mone_transformers.loading import config_dtype, model_class, model_names
 
 __all__ = ["prune_checkpoint"]
@@ -88,6 +90,7 @@ def prune_checkpoint(
     ignore: list[str] | None = None,
     seed: int = 0,
     stock_architectures: bool = False,
+    authors_layout: bool = False,
     report_path: str | None = None,
 ) -> dict[int, list[int]]:
     """
@@ -97,7 +100,8 @@ def prune_checkpoint(
     :param output: directory to write the pruned checkpoint to
     :param statistics: statistics file(s) saved by ``save_statistics_path``
     :param sparsity, scoring, scope, novice, ignore, seed,
-        stock_architectures, report_path: as ``MoNEPruningModifier``'s
+        stock_architectures, authors_layout, report_path: as
+        ``MoNEPruningModifier``'s
         (``novice: drop`` changes the router, so it is not offered here)
     :return: decoder layer index -> the expert ids that became novices
     """
@@ -109,6 +113,7 @@ def prune_checkpoint(
         ignore=ignore or [],
         seed=seed,
         stock_architectures=stock_architectures,
+        authors_layout=authors_layout,
         report_path=report_path,
         statistics_path=[str(p) for p in statistics]
         if isinstance(statistics, list)
@@ -123,6 +128,8 @@ def prune_checkpoint(
     source, output = Path(source), Path(output)
     _check_paths(source, output)
     config = AutoConfig.from_pretrained(source)
+    if settings.authors_layout:
+        check_authors_family(config)
     saved = load_statistics(settings.statistics_path)
     saved.check_matches(
         {"model_type": config.model_type, "config": identity_config(config)},
@@ -140,7 +147,7 @@ def prune_checkpoint(
         values,
         placement,
         config,
-        settings.stock_architectures,
+        settings,
     )
     if settings.report_path is not None:
         write_report(settings.report_path, report)
@@ -280,10 +287,11 @@ def _write(
     values: dict[int, dict[int, torch.Tensor]],
     placement: dict[tuple[int, int], list[tuple[str, str]]],
     config: PretrainedConfig,
-    stock_architectures: bool,
+    settings: MoNEPruningModifier,
 ):
     """Copy ``source`` to ``output`` shard by shard, pruned experts left out
-    and their novices added, through a staging directory."""
+    and their novices added, through a staging directory; ``config.json``
+    written as ``settings`` ask."""
     dropped = {
         key
         for index, ids in novices.items()
@@ -316,7 +324,9 @@ def _write(
                 shutil.copy2(file, staging / file.name)
         if (source / INDEX_FILE).is_file():
             _write_index(source / INDEX_FILE, staging, weight_map)
-        write_novices(staging, novices, stock_architectures)
+        write_novices(
+            staging, novices, settings.stock_architectures, settings.authors_layout
+        )
         publish(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -349,6 +359,11 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--ignore", nargs="*", default=[])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stock-architectures", action="store_true")
+    parser.add_argument(
+        "--authors-layout",
+        action="store_true",
+        help="write the config the MoNE authors' code reads (OLMoE, DeepSeek)",
+    )
     parser.add_argument("--report", help="path of a .json pruning report")
     args = parser.parse_args(argv)
     novices = prune_checkpoint(
@@ -362,6 +377,7 @@ def main(argv: list[str] | None = None):
         ignore=args.ignore,
         seed=args.seed,
         stock_architectures=args.stock_architectures,
+        authors_layout=args.authors_layout,
         report_path=args.report,
     )
     print(json.dumps({str(k): v for k, v in sorted(novices.items())}))

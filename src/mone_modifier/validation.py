@@ -17,7 +17,7 @@ from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
 from torch import distributed as dist
 from torch.utils.data import DataLoader
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from mone_format import (
     AUTHORS_MODEL_TYPES,
@@ -85,10 +85,10 @@ def check_family_supported(model: torch.nn.Module, novice: str):
             )
 
 
-def check_authors_family(model: torch.nn.Module):
+def check_authors_family(config: PretrainedConfig):
     """``authors_layout`` names the MoNE authors' model types, which exist
     for three families only."""
-    model_type = model.config.model_type
+    model_type = config.model_type
     if model_type not in AUTHORS_MODEL_TYPES.values():
         raise ValueError(
             f"authors_layout: the MoNE authors' code has no model type for "
