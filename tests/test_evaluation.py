@@ -1,12 +1,14 @@
 """
 The lm-eval route: a local multiple-choice task built from a small JSON file,
-run offline on a saved MoNE checkpoint through the registered ``mone`` model,
-gives the accuracy computed directly from the loaded model's log-likelihoods.
+run offline on a saved MoNE checkpoint (and on one in the MoNE authors'
+layout) through the registered ``mone`` model, gives the accuracy computed
+directly from the loaded model's log-likelihoods.
 """
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +21,10 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import mone_modifier  # noqa: E402
 import mone_modifier.evaluation  # noqa: E402, F401  (registers "mone")
+from authors_layout import SOURCE_OVERRIDES, authors_checkpoint  # noqa: E402
 from helpers import run_oneshot, write_choice_task  # noqa: E402
 from mone_modifier import MoNEPruningModifier  # noqa: E402
+from mone_modifier.tiny_moe import build_tiny_moe  # noqa: E402
 
 
 @torch.no_grad()
@@ -53,14 +57,31 @@ def checkpoint_and_task(tiny_moe, samples, tmp_path_factory):
     return root / "checkpoint", root / "tasks", docs
 
 
+@pytest.fixture(scope="module")
+def authors_deepseek_v2(tmp_path_factory) -> Path:
+    """A DeepSeek-V2 checkpoint as the MoNE authors' code writes it."""
+    root = tmp_path_factory.mktemp("eval-authors")
+    source = build_tiny_moe(
+        "deepseek_v2", root / "source", **SOURCE_OVERRIDES["deepseek_v2"]
+    )
+    authors_checkpoint(source, root / "authors")
+    AutoTokenizer.from_pretrained(source).save_pretrained(root / "authors")
+    return root / "authors"
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def test_simple_evaluate_matches_direct_loglikelihoods(checkpoint_and_task):
+@pytest.mark.parametrize("layout", ["this package's", "the authors'"])
+def test_simple_evaluate_matches_direct_loglikelihoods(
+    layout, checkpoint_and_task, authors_deepseek_v2
+):
     checkpoint, tasks, docs = checkpoint_and_task
+    if layout == "the authors'":
+        checkpoint = authors_deepseek_v2
     results = lm_eval.simple_evaluate(
         model="mone",
         model_args=f"pretrained={checkpoint}",
@@ -72,7 +93,7 @@ def test_simple_evaluate_matches_direct_loglikelihoods(checkpoint_and_task):
     accuracy = results["results"]["mone_tiny_choice"]["acc,none"]
 
     loaded = mone_modifier.from_pretrained(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, config=loaded.config)
     assert accuracy == pytest.approx(direct_accuracy(loaded, tokenizer, docs))
 
 

@@ -45,9 +45,14 @@ class MoNELM(HFLM):
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         model = from_pretrained(pretrained, dtype=None if dtype == "auto" else dtype)
+        # AutoTokenizer reads config.json too, which transformers cannot parse
+        # for the MoNE authors' own model types: give it the loaded one
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer or pretrained, config=model.config
+        )
         super().__init__(
             pretrained=model.to(device),
-            tokenizer=AutoTokenizer.from_pretrained(tokenizer or pretrained),
+            tokenizer=tokenizer,
             device=device,
             **kwargs,
         )
