@@ -5,9 +5,11 @@ writes them, built from that published layout without importing it:
 
 - ``config.json`` as their config classes save it under their transformers
   (4.48.2, ``requirements.txt``): ``model_type`` ``<family>_compressed`` and
-  no ``auto_map`` (``prune.py`` deletes it); ``torch_dtype``, ``rope_theta``
-  and ``rope_scaling`` (DeepSeek's ``{"type": "yarn", ...}``) where
-  transformers 5 writes ``dtype`` and ``rope_parameters``; DeepSeek's
+  no ``auto_map`` (``prune.py`` deletes it); ``architectures`` naming their
+  model class (OLMoE's is ``OlmoneForCausalLM``, DeepSeek's the stock names);
+  ``torch_dtype``, ``rope_theta`` and ``rope_scaling`` (DeepSeek's
+  ``{"type": "yarn", ...}``) where transformers 5 writes ``dtype`` and
+  ``rope_parameters``; DeepSeek's
   remote-code routing fields (``scoring_func``, ``aux_loss_alpha``,
   ``seq_aux``, ``moe_layer_freq``, ``ep_size``; V2's ``mod_type`` and
   ``staged_mod_topk``) and none of transformers 5's derived ones
@@ -115,6 +117,9 @@ def authors_config(stock: dict) -> dict:
         routed_intermediate_sizes=None,
         flap_intermediate_sizes=None,
     )
+    if family == "olmoe":
+        # save_pretrained names the saving class, theirs misspelt
+        config["architectures"] = ["OlmoneForCausalLM"]
     if family in DEEPSEEK_REMOTE_FIELDS:
         for key in TRANSFORMERS_5_DERIVED:
             config.pop(key, None)

@@ -99,6 +99,7 @@ def test_uniform_widths_map_to_the_stock_config():
     }
     assert stock_config(config) == {
         "model_type": "deepseek_v3",
+        "architectures": ["DeepseekV3ForCausalLM"],
         "moe_intermediate_size": 32,
         "n_shared_experts": 2,
     }

@@ -5,8 +5,9 @@ their own (``olmoe_compressed``, ``deepseek_v2_compressed``,
 ``deepseek_v3_compressed``) without an ``auto_map``, so nothing tells
 transformers what they are. Their tensors and ``approximate_experts`` are
 the stock family's and this package's layout, so the config alone needs
-mapping: to the stock model type, without the fields of the authors' other
-pruning methods, which are refused unless they change nothing.
+mapping: to the stock model type and architecture, without the fields of the
+authors' other pruning methods, which are refused unless they change
+nothing.
 """
 
 __all__ = ["AUTHORS_MODEL_TYPES", "stock_config"]
@@ -15,6 +16,13 @@ AUTHORS_MODEL_TYPES = {
     "olmoe_compressed": "olmoe",
     "deepseek_v2_compressed": "deepseek_v2",
     "deepseek_v3_compressed": "deepseek_v3",
+}
+# the stock causal-LM class of each: their checkpoints name their own classes
+# (OLMoE's is ``OlmoneForCausalLM``), which no engine knows
+_STOCK_ARCHITECTURES = {
+    "olmoe": "OlmoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 # fields of the authors' other methods, refused above unless they are off
 _OTHER_METHODS = ("flap_intermediate_sizes", "mod_type", "staged_mod_topk")
@@ -75,7 +83,11 @@ def stock_config(config: dict) -> dict:
             "inference (novice evolving), which a fixed novice cannot reproduce"
         )
     dropped = {"auto_map", "model_type", *_WIDTHS, *_OTHER_METHODS}
-    return {"model_type": stock} | {k: v for k, v in config.items() if k not in dropped}
+    return (
+        {"model_type": stock}
+        | {k: v for k, v in config.items() if k not in dropped}
+        | {"architectures": [_STOCK_ARCHITECTURES[stock]]}
+    )
 
 
 def _check_uniform(config: dict, key: str, width_keys: tuple[str, ...]):
