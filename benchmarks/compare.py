@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -367,6 +368,22 @@ def peak_memory_run(model_path: Path, method: str, quick: bool, seq_len: int) ->
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
+def oneshot_costs(
+    model_path: Path, methods: tuple[str, ...], quick: bool, seq_len: int
+) -> dict:
+    """Per method, the median wall time and peak RSS of fresh processes,
+    alternating between methods so that the machine's drifts in speed fall
+    on all of them alike (one process each varied by 20% here)."""
+    runs = {method: [] for method in methods}
+    for _ in range(1 if quick else 3):
+        for method in methods:
+            runs[method].append(peak_memory_run(model_path, method, quick, seq_len))
+    return {
+        method: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+        for method, rs in runs.items()
+    }
+
+
 def oneshot_cost(model_path: Path, method: str, plan: "Plan", seq_len: int) -> dict:
     domains = {name: load_domain(name) for name in DOMAINS}
     data = calibration_set(
@@ -603,7 +620,8 @@ def write_report(results: dict, path: Path, suffix: str, command: str):
         )
         lines += [
             "",
-            "### oneshot cost (fresh process each, same pipeline and data)",
+            "### oneshot cost (median of fresh processes, alternating; same "
+            "pipeline and data)",
             "",
         ]
         noop = result["cost"]["noop"]
@@ -693,10 +711,9 @@ def main(argv=None):
                 model_path, evaluate, plan, domains, seq_len, quality[0]
             )
         with timer("cost"):
-            cost = {
-                method: peak_memory_run(model_path, method, args.quick, seq_len)
-                for method in ("noop", "mone", "reap")
-            }
+            cost = oneshot_costs(
+                model_path, ("noop", "mone", "reap"), args.quick, seq_len
+            )
         with timer("size_speed"):
             size_speed = size_and_speed(
                 model_path,
