@@ -150,6 +150,7 @@ CORE = Plan(
     64,
     120,
 )
+PLANS = {"full": FULL, "core": CORE}
 QUICK = Plan(
     ("mone", "frequency", "reap"),
     (0.25,),
@@ -665,7 +666,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", help="only these models")
     parser.add_argument(
         "--plan",
-        choices=["full", "core"],
+        choices=list(PLANS),
         default="full",
         help="core: each criterion once, robustness at one calibration size",
     )
@@ -678,9 +679,8 @@ def main(argv=None):
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     start = time.time()
-    plans = {"full": FULL, "core": CORE}
     plan, setup = (
-        (QUICK, quick_setup()) if args.quick else (plans[args.plan], full_setup())
+        (QUICK, quick_setup()) if args.quick else (PLANS[args.plan], full_setup())
     )
     setup = select(setup, args.models)
     suffix = "_quick" if args.quick else ""

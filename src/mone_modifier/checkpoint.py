@@ -41,6 +41,7 @@ from loguru import logger
 from torch import distributed as dist
 
 from mone_format import (
+    AUTHORS_MODEL_TYPES,
     EXPERT_COUNT_KEYS,
     NOVICES_CONFIG_KEY,
     mone_architecture,
@@ -152,7 +153,8 @@ def write_novices(
     path, config, text = _config_in(directory)
     text[NOVICES_CONFIG_KEY] = {str(k): v for k, v in sorted(novices.items())}
     if authors_layout:
-        text["model_type"] += "_compressed"
+        authors_types = {stock: t for t, stock in AUTHORS_MODEL_TYPES.items()}
+        text["model_type"] = authors_types[text["model_type"]]
         text["approximate_expert_init_tokens"] = {
             str(k): [0] * len(v) for k, v in sorted(novices.items())
         }

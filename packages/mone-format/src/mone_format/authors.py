@@ -24,7 +24,7 @@ _STOCK_ARCHITECTURES = {
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
 }
-# fields of the authors' other methods, refused above unless they are off
+# fields of the authors' other methods: refused when on, dropped when off
 _OTHER_METHODS = ("flap_intermediate_sizes", "mod_type", "staged_mod_topk")
 # per-layer widths left by the authors' width pruning, and the width each
 # must equal for the stock model to hold the experts

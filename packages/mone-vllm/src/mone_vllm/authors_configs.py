@@ -3,9 +3,9 @@ Config classes for the MoNE authors' checkpoints (``olmoe_compressed``,
 ...), registered with transformers' ``AutoConfig`` so that vLLM can read
 their ``config.json``. Each is the stock family's config read through
 ``mone_format.stock_config`` (which refuses the variants the stock model
-cannot hold), naming the plugin's MoNE architecture: the stock architecture
-their ``config.json`` names would serve the missing experts as
-uninitialised memory.
+cannot hold, and names the family's stock architecture), renamed to the
+plugin's MoNE architecture: the stock model would serve the missing experts
+as uninitialised memory.
 """
 
 from transformers import AutoConfig, PretrainedConfig
@@ -29,7 +29,7 @@ def _authors_config_class(
         stock = stock_config({**fields, "model_type": authors_type})
         del stock["model_type"]
         stock_cls.__init__(self, **stock)
-        self.architectures = [mone_architecture(a) for a in self.architectures or []]
+        self.architectures = [mone_architecture(a) for a in self.architectures]
         # vLLM reads the family off the instance (DeepSeek's MLA, for one);
         # the class keeps the authors' type, which AutoConfig is keyed by
         self.model_type = stock_cls.model_type
